@@ -1,0 +1,273 @@
+"""SwinIR-light (the official "SwinIR-S") in Flax linen, NHWC, with optional fake quantizers.
+
+The network follows the official PyTorch code (SPEC.md section 1): shallow conv, 4 residual Swin
+transformer blocks (RSTB) of 6 Swin blocks each, LayerNorm, conv, pixelshuffledirect upsampler.
+The 384 quantizers of the released 2DQuant code sit in every Swin block (SPEC.md section 3); the
+`mode` attribute ('fp', 'capture', 'quant') says what they do, see `quant/modules.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from twodquant_jax.quant.modules import FakeQuant, QuantDense, QuantQKV, check_mode
+
+RGB_MEAN = (0.4488, 0.4371, 0.4040)
+LN_EPS = 1e-5
+MASK_VALUE = -100.0
+
+
+def window_partition(x: jnp.ndarray, ws: int) -> jnp.ndarray:
+  """(B, H, W, C) -> (B * nW, ws*ws, C), windows in row-major order per image (as torch)."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // ws, ws, w // ws, ws, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(-1, ws * ws, c)
+
+
+def window_reverse(windows: jnp.ndarray, ws: int, h: int, w: int) -> jnp.ndarray:
+  """Inverse of `window_partition`: (B * nW, ws*ws, C) -> (B, H, W, C)."""
+  c = windows.shape[-1]
+  x = windows.reshape(-1, h // ws, w // ws, ws, ws, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(-1, h, w, c)
+
+
+@functools.lru_cache(maxsize=64)
+def relative_position_index(ws: int) -> np.ndarray:
+  """Index into the (2ws-1)^2 relative position bias table for each (query, key) pair."""
+  coords = np.stack(np.meshgrid(np.arange(ws), np.arange(ws), indexing="ij")).reshape(2, -1)
+  rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0) + (ws - 1)
+  return rel[..., 0] * (2 * ws - 1) + rel[..., 1]
+
+
+@functools.lru_cache(maxsize=64)
+def shifted_window_mask(h: int, w: int, ws: int, shift: int) -> np.ndarray:
+  """Attention mask (nW, N, N) for shifted windows of an h x w map: 0 within a region, -100 across.
+
+  Computed for the actual size (the checkpoint's stored mask is for 64x64 only).
+  """
+  img = np.zeros((1, h, w, 1), np.float32)
+  cnt = 0
+  for hs in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+    for wsl in (slice(0, -ws), slice(-ws, -shift), slice(-shift, None)):
+      img[:, hs, wsl, :] = cnt
+      cnt += 1
+  win = np.asarray(window_partition(img, ws))[..., 0]  # (nW, N)
+  diff = win[:, None, :] - win[:, :, None]
+  return np.where(diff != 0, MASK_VALUE, 0.0).astype(np.float32)
+
+
+class WindowAttention(nn.Module):
+  """Window multi-head self-attention with relative position bias and the four BMM quantizers."""
+  dim: int
+  num_heads: int
+  window_size: int
+  mode: str = "fp"
+  bits: int = 4
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, mask: np.ndarray | None) -> jnp.ndarray:
+    b_, n, c = x.shape
+    nh, hd = self.num_heads, c // self.num_heads
+    ws = self.window_size
+    q, k, v = QuantQKV(self.dim, self.mode, self.bits, name="qkv")(x)
+    heads = lambda t: t.reshape(b_, n, nh, hd).transpose(0, 2, 1, 3)
+    q, k, v = heads(q) * (hd ** -0.5), heads(k), heads(v)
+    q = FakeQuant(self.mode, self.bits, name="mymodule_q")(q)
+    k = FakeQuant(self.mode, self.bits, name="mymodule_k")(k)
+    v = FakeQuant(self.mode, self.bits, name="mymodule_v")(v)
+    attn = q @ k.swapaxes(-2, -1)
+    table = self.param("relative_position_bias_table", nn.initializers.truncated_normal(0.02),
+                       ((2 * ws - 1) ** 2, nh))
+    bias = table[relative_position_index(ws).reshape(-1)].reshape(n, n, nh).transpose(2, 0, 1)
+    attn = attn + bias[None]
+    if mask is not None:
+      nw = mask.shape[0]
+      attn = attn.reshape(b_ // nw, nw, nh, n, n) + jnp.asarray(mask)[None, :, None]
+      attn = attn.reshape(b_, nh, n, n)
+    attn = jax.nn.softmax(attn, axis=-1)
+    attn = FakeQuant(self.mode, self.bits, one_sided=True, name="mymodule_a")(attn)
+    out = (attn @ v).transpose(0, 2, 1, 3).reshape(b_, n, c)
+    return QuantDense(self.dim, self.mode, self.bits, name="proj")(out)
+
+
+class Mlp(nn.Module):
+  """fc1 -> exact GELU -> fc2; the fc2 input (post-GELU) is one-sided for DOBI."""
+  hidden: int
+  mode: str = "fp"
+  bits: int = 4
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    dim = x.shape[-1]
+    x = QuantDense(self.hidden, self.mode, self.bits, name="fc1")(x)
+    x = nn.gelu(x, approximate=False)
+    return QuantDense(dim, self.mode, self.bits, act_one_sided=True, name="fc2")(x)
+
+
+class SwinBlock(nn.Module):
+  """Swin transformer block; odd blocks use windows shifted by window_size // 2."""
+  dim: int
+  num_heads: int
+  window_size: int
+  shift: int
+  mlp_ratio: float
+  mode: str = "fp"
+  bits: int = 4
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray, hw: tuple[int, int]) -> jnp.ndarray:
+    h, w = hw
+    b, _, c = x.shape
+    ws, s = self.window_size, self.shift
+    y = nn.LayerNorm(epsilon=LN_EPS, name="norm1")(x).reshape(b, h, w, c)
+    if s:
+      y = jnp.roll(y, (-s, -s), axis=(1, 2))
+    mask = shifted_window_mask(h, w, ws, s) if s else None
+    y = WindowAttention(self.dim, self.num_heads, ws, self.mode, self.bits, name="attn")(
+        window_partition(y, ws), mask)
+    y = window_reverse(y, ws, h, w)
+    if s:
+      y = jnp.roll(y, (s, s), axis=(1, 2))
+    x = x + y.reshape(b, h * w, c)
+    y = nn.LayerNorm(epsilon=LN_EPS, name="norm2")(x)
+    return x + Mlp(int(self.dim * self.mlp_ratio), self.mode, self.bits, name="mlp")(y)
+
+
+class BlockStack(nn.Module):
+  """The `residual_group` of an RSTB: its Swin blocks, whose output is a DQC feature."""
+  dim: int
+  depth: int
+  num_heads: int
+  window_size: int
+  mlp_ratio: float
+  mode: str = "fp"
+  bits: int = 4
+
+  def setup(self):
+    self.blocks = [
+        SwinBlock(self.dim, self.num_heads, self.window_size,
+                  0 if i % 2 == 0 else self.window_size // 2, self.mlp_ratio, self.mode,
+                  self.bits) for i in range(self.depth)
+    ]
+
+  def __call__(self, x: jnp.ndarray, hw: tuple[int, int]) -> jnp.ndarray:
+    for blk in self.blocks:
+      x = blk(x, hw)
+    return x
+
+
+def _conv(features: int) -> nn.Conv:
+  """3x3 convolution with torch's zero padding of 1."""
+  return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)))
+
+
+class RSTB(nn.Module):
+  """Residual Swin transformer block: blocks -> 3x3 conv -> + input. Returns (out, feature)."""
+  dim: int
+  depth: int
+  num_heads: int
+  window_size: int
+  mlp_ratio: float
+  mode: str = "fp"
+  bits: int = 4
+
+  def setup(self):
+    self.residual_group = BlockStack(self.dim, self.depth, self.num_heads, self.window_size,
+                                     self.mlp_ratio, self.mode, self.bits)
+    self.conv = _conv(self.dim)
+
+  def __call__(self, x: jnp.ndarray, hw: tuple[int, int]) -> tuple[jnp.ndarray, jnp.ndarray]:
+    feat = self.residual_group(x, hw)
+    b, _, c = x.shape
+    y = self.conv(feat.reshape(b, hw[0], hw[1], c)).reshape(b, -1, c)
+    return y + x, feat
+
+
+def pixel_shuffle(x: jnp.ndarray, s: int) -> jnp.ndarray:
+  """NHWC pixel shuffle: out[h*s+i, w*s+j, c] = in[h, w, c*s*s + i*s + j] (torch semantics)."""
+  b, h, w, c = x.shape
+  co = c // (s * s)
+  x = x.reshape(b, h, w, co, s, s).transpose(0, 1, 4, 2, 5, 3)
+  return x.reshape(b, h * s, w * s, co)
+
+
+class SwinIR(nn.Module):
+  """SwinIR-light for x2/x3/x4 super-resolution; input/output NHWC float in [0, 1] scale.
+
+  The forward is split into `embed`, `layer` and `tail` so that calibration can run one RSTB at
+  a time (memory); `__call__` composes them. With `return_features`, also returns the 4 RSTB
+  block-stack outputs (B, H*W, C) used by the DQC feature loss.
+  """
+  upscale: int = 4
+  embed_dim: int = 60
+  depths: Sequence[int] = (6, 6, 6, 6)
+  num_heads: Sequence[int] = (6, 6, 6, 6)
+  window_size: int = 8
+  mlp_ratio: float = 2.0
+  img_range: float = 1.0
+  mode: str = "fp"
+  bits: int = 4
+
+  def setup(self):
+    check_mode(self.mode)
+    if self.upscale not in (2, 3, 4):
+      raise ValueError(f"upscale must be 2, 3 or 4, got {self.upscale}")
+    self.conv_first = _conv(self.embed_dim)
+    self.patch_embed_norm = nn.LayerNorm(epsilon=LN_EPS)
+    self.layers = [
+        RSTB(self.embed_dim, d, h, self.window_size, self.mlp_ratio, self.mode, self.bits)
+        for d, h in zip(self.depths, self.num_heads)
+    ]
+    self.norm = nn.LayerNorm(epsilon=LN_EPS)
+    self.conv_after_body = _conv(self.embed_dim)
+    self.upsample = _conv(3 * self.upscale ** 2)
+
+  def pad_to_window(self, x: jnp.ndarray) -> jnp.ndarray:
+    """Reflect-pads H and W to multiples of the window size (official check_image_size)."""
+    h, w = x.shape[1:3]
+    ph, pw = (-h) % self.window_size, (-w) % self.window_size
+    if ph or pw:
+      if ph >= h or pw >= w:
+        raise ValueError(f"input {h}x{w} is too small to reflect-pad to a multiple of "
+                         f"{self.window_size}; pad it first (see evaluate.flip_pad)")
+      x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="reflect")
+    return x
+
+  def embed(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Normalised, padded image -> (shallow features NHWC, token sequence (B, H*W, C))."""
+    x = (self.pad_to_window(x) - jnp.asarray(RGB_MEAN, x.dtype)) * self.img_range
+    shallow = self.conv_first(x)
+    b, h, w, c = shallow.shape
+    return shallow, self.patch_embed_norm(shallow.reshape(b, h * w, c))
+
+  def layer(self, i: int, tokens: jnp.ndarray, hw: tuple[int, int]):
+    """Runs RSTB i: returns (tokens, block-stack feature)."""
+    return self.layers[i](tokens, hw)
+
+  def tail(self, tokens: jnp.ndarray, shallow: jnp.ndarray, out_hw: tuple[int, int]):
+    """Final norm, conv_after_body + long skip, pixelshuffledirect, de-normalise, crop."""
+    b, h, w, c = shallow.shape
+    x = self.norm(tokens).reshape(b, h, w, c)
+    x = self.conv_after_body(x) + shallow
+    x = pixel_shuffle(self.upsample(x), self.upscale)
+    x = x / self.img_range + jnp.asarray(RGB_MEAN, x.dtype)
+    return x[:, :out_hw[0] * self.upscale, :out_hw[1] * self.upscale]
+
+  def __call__(self, x: jnp.ndarray, return_features: bool = False):
+    if x.ndim != 4 or x.shape[-1] != 3:
+      raise ValueError(f"SwinIR expects NHWC RGB input (B, H, W, 3), got shape {x.shape}")
+    out_hw = x.shape[1:3]
+    shallow, tokens = self.embed(x)
+    hw = shallow.shape[1:3]
+    feats = []
+    for i in range(len(self.layers)):
+      tokens, feat = self.layer(i, tokens, hw)
+      feats.append(feat)
+    out = self.tail(tokens, shallow, out_hw)
+    return (out, feats) if return_features else out

@@ -1,0 +1,105 @@
+"""Flax modules that put fake quantizers into the network.
+
+Every quantizer is a `FakeQuant` module whose two bounds live in the 'quant' variable collection
+(never in 'params'). The network runs in one of three modes, a static attribute:
+  'fp'      quantizers are the identity and hold no variables (the full-precision model);
+  'capture' quantizers are the identity and `sow` what they see into 'calib' (for DOBI etc.);
+  'quant'   quantizers apply Eq. (1) with their bounds (the fake-quantized student).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from twodquant_jax.quant.quantizer import fake_quant
+
+MODES = ("fp", "capture", "quant")
+BOUNDS = "bounds"  # variable name inside each quantizer's 'quant' collection entry
+CALIB = "calib"    # collection that 'capture' mode sows quantizer inputs into
+
+
+def check_mode(mode: str) -> None:
+  if mode not in MODES:
+    raise ValueError(f"quantization mode must be one of {MODES}, got {mode!r}")
+
+
+class FakeQuant(nn.Module):
+  """One per-tensor two-bound fake quantizer (paper Eq. 1), identity outside 'quant' mode.
+
+  `one_sided` marks the exponential-like tensors (attention map, fc2 input) for which the paper's
+  DOBI searches only the upper bound; the module itself treats all tensors alike.
+  """
+  mode: str = "fp"
+  bits: int = 4
+  one_sided: bool = False
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    if self.mode == "fp":
+      return x
+    if self.mode == "capture":
+      self.sow(CALIB, "input", x, reduce_fn=lambda _, new: new, init_fn=lambda: None)
+      return x
+    bounds = self.variable("quant", BOUNDS, lambda: jnp.array([-1.0, 1.0], jnp.float32))
+    return fake_quant(x, bounds.value[0], bounds.value[1], self.bits)
+
+
+class QuantDense(nn.Module):
+  """A Dense layer (torch Linear layout transposed) with weight and input-activation quantizers.
+
+  Parameters 'kernel' (in, out) and 'bias' match the official checkpoint's linear layers.
+  """
+  features: int
+  mode: str = "fp"
+  bits: int = 4
+  act_one_sided: bool = False
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+    bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    x = FakeQuant(self.mode, self.bits, self.act_one_sided, name="act_quantizer")(x)
+    kernel = FakeQuant(self.mode, self.bits, name="weight_quantizer")(kernel)
+    return x @ kernel + bias
+
+
+class _QuantPair(nn.Module):
+  """Weight and input quantizers of one of the q/k/v slices of the qkv linear."""
+  mode: str
+  bits: int
+
+  def setup(self):
+    self.act_quantizer = FakeQuant(self.mode, self.bits)
+    self.weight_quantizer = FakeQuant(self.mode, self.bits)
+
+  def __call__(self, x: jnp.ndarray, kernel: jnp.ndarray, bias: jnp.ndarray) -> jnp.ndarray:
+    return self.act_quantizer(x) @ self.weight_quantizer(kernel) + bias
+
+
+class QuantQKV(nn.Module):
+  """The qkv linear, stored whole as in the checkpoint, quantized as three separate linears.
+
+  In 'quant' (and 'capture') mode rows 0-59 / 60-119 / 120-179 of the torch weight (columns of
+  our kernel) are q, k and v, each with its own weight and input quantizer, as in the released
+  2DQuant code. In 'fp' mode it is one matmul, exactly the official network.
+  """
+  features: int
+  mode: str = "fp"
+  bits: int = 4
+
+  @nn.compact
+  def __call__(self, x: jnp.ndarray) -> Sequence[jnp.ndarray]:
+    dim = x.shape[-1]
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (dim, 3 * self.features))
+    bias = self.param("bias", nn.initializers.zeros, (3 * self.features,))
+    if self.mode == "fp":
+      out = x @ kernel + bias
+      return tuple(out[..., i * self.features:(i + 1) * self.features] for i in range(3))
+    outs = []
+    for i, part in enumerate("qkv"):
+      sl = slice(i * self.features, (i + 1) * self.features)
+      outs.append(_QuantPair(self.mode, self.bits, name=part)(x, kernel[:, sl], bias[sl]))
+    return tuple(outs)
