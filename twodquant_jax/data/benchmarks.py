@@ -63,11 +63,12 @@ def _official_lr(lr_dir: Path, stem: str, scale: int, hr: np.ndarray) -> np.ndar
 
 
 def load_benchmark(root: PathLike, name: str, scale: int, *,
-                   matlab_exact: bool = False) -> list[BenchmarkImage]:
+                   matlab_exact: bool = True) -> list[BenchmarkImage]:
   """Loads benchmark set ``name`` at ``scale`` as (lr, hr) uint8 RGB pairs, sorted by name.
 
   Official LR images are used when ``LR_bicubic/X{scale}`` exists; otherwise LR is
-  ``imresize(hr, 1 / scale)`` (``matlab_exact`` is passed to ``imresize``). An HR image smaller
+  ``imresize(hr, 1 / scale)`` (``matlab_exact`` is passed to ``imresize``; the default, True,
+  reproduces MATLAB's own LR files exactly, as the benchmark LR of the paper were made). An HR image smaller
   than ``scale`` on either side is an error, as it would give an empty LR image.
   """
   if int(scale) != scale or scale < 1:
