@@ -91,13 +91,13 @@ class WindowAttention(nn.Module):
       attn = attn.reshape(b_ // nw, nw, nh, n, n) + jnp.asarray(mask)[None, :, None]
       attn = attn.reshape(b_, nh, n, n)
     attn = jax.nn.softmax(attn, axis=-1)
-    attn = FakeQuant(self.mode, self.bits, one_sided=True, name="mymodule_a")(attn)
+    attn = FakeQuant(self.mode, self.bits, name="mymodule_a")(attn)
     out = (attn @ v).transpose(0, 2, 1, 3).reshape(b_, n, c)
     return QuantDense(self.dim, self.mode, self.bits, name="proj")(out)
 
 
 class Mlp(nn.Module):
-  """fc1 -> exact GELU -> fc2; the fc2 input (post-GELU) is one-sided for DOBI."""
+  """fc1 -> exact GELU -> fc2."""
   hidden: int
   mode: str = "fp"
   bits: int = 4
@@ -107,7 +107,7 @@ class Mlp(nn.Module):
     dim = x.shape[-1]
     x = QuantDense(self.hidden, self.mode, self.bits, name="fc1")(x)
     x = nn.gelu(x, approximate=False)
-    return QuantDense(dim, self.mode, self.bits, act_one_sided=True, name="fc2")(x)
+    return QuantDense(dim, self.mode, self.bits, name="fc2")(x)
 
 
 class SwinBlock(nn.Module):

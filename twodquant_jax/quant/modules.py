@@ -29,12 +29,11 @@ def check_mode(mode: str) -> None:
 class FakeQuant(nn.Module):
   """One per-tensor two-bound fake quantizer (paper Eq. 1), identity outside 'quant' mode.
 
-  `one_sided` marks the exponential-like tensors (attention map, fc2 input) for which the paper's
-  DOBI searches only the upper bound; the module itself treats all tensors alike.
+  Which calibration rule a quantizer gets (e.g. the paper's one-sided DOBI for the attention map
+  and the fc2 input) is decided from its name by the calibration code, not here.
   """
   mode: str = "fp"
   bits: int = 4
-  one_sided: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -55,13 +54,12 @@ class QuantDense(nn.Module):
   features: int
   mode: str = "fp"
   bits: int = 4
-  act_one_sided: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
-    x = FakeQuant(self.mode, self.bits, self.act_one_sided, name="act_quantizer")(x)
+    x = FakeQuant(self.mode, self.bits, name="act_quantizer")(x)
     kernel = FakeQuant(self.mode, self.bits, name="weight_quantizer")(kernel)
     return x @ kernel + bias
 

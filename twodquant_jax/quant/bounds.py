@@ -1,0 +1,136 @@
+"""Quantizer names and the bounds file: our 'quant' collection <-> the authors' module paths.
+
+A quantizer is named as in the released 2DQuant code, e.g.
+`layers.0.residual_group.blocks.3.attn.qkv.k.act_quantizer` or `...attn.mymodule_a`; the Flax
+path is the same with `layers_0` / `blocks_3`. `bounds.json` maps each name to [lower, upper].
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from twodquant_jax.quant.modules import BOUNDS
+
+QuantTree = Mapping  # the 'quant' variable collection
+_INDEXED = re.compile(r"^(layers|blocks)_(\d+)$")
+_ONE_SIDED = re.compile(r"(\.mymodule_a|\.mlp\.fc2\.act_quantizer)$")
+_WEIGHT = re.compile(r"\.weight_quantizer$")
+
+
+def name_from_path(path: tuple[str, ...]) -> str:
+  """Flax module path -> the authors' dotted module name."""
+  out = []
+  for p in path:
+    m = _INDEXED.match(p)
+    out += [m.group(1), m.group(2)] if m else [p]
+  return ".".join(out)
+
+
+def path_from_name(name: str) -> tuple[str, ...]:
+  """The authors' dotted module name -> Flax module path."""
+  parts, out, i = name.split("."), [], 0
+  while i < len(parts):
+    if parts[i] in ("layers", "blocks") and i + 1 < len(parts) and parts[i + 1].isdigit():
+      out.append(f"{parts[i]}_{parts[i + 1]}")
+      i += 2
+    else:
+      out.append(parts[i])
+      i += 1
+  return tuple(out)
+
+
+def is_one_sided(name: str) -> bool:
+  """The exponential-like tensors of the paper: post-softmax attention map and post-GELU fc2 input."""
+  return bool(_ONE_SIDED.search(name))
+
+
+def is_weight(name: str) -> bool:
+  return bool(_WEIGHT.search(name))
+
+
+def leaves_by_name(tree: Mapping, leaf: str) -> dict[str, object]:
+  """{quantizer name: value} for every `leaf` entry of a nested tree (e.g. 'bounds', 'input')."""
+  out = {}
+
+  def walk(node, path):
+    for k, v in node.items():
+      if k == leaf and not isinstance(v, Mapping):
+        out[name_from_path(path)] = v
+      elif isinstance(v, Mapping):
+        walk(v, path + (k,))
+
+  walk(tree, ())
+  return out
+
+
+def tree_to_dict(quant: QuantTree) -> dict[str, list[float]]:
+  """The 'quant' collection -> {name: [lower, upper]} (Python floats), sorted by name."""
+  flat = leaves_by_name(quant, BOUNDS)
+  return {k: [float(v) for v in np.asarray(flat[k])] for k in sorted(flat)}
+
+
+def dict_to_tree(bounds: Mapping[str, Sequence[float]], like: QuantTree | None = None) -> dict:
+  """{name: [lower, upper]} -> the 'quant' collection; with `like`, names must match exactly."""
+  tree: dict = {}
+  for name, (lo, hi) in bounds.items():
+    node = tree
+    for p in path_from_name(name):
+      node = node.setdefault(p, {})
+    node[BOUNDS] = jnp.asarray([lo, hi], jnp.float32)
+  if like is not None:
+    want, got = set(leaves_by_name(like, BOUNDS)), set(bounds)
+    if want != got:
+      missing, extra = sorted(want - got), sorted(got - want)
+      raise ValueError(f"bounds do not match the model's quantizers: {len(missing)} missing "
+                       f"(e.g. {missing[:2]}), {len(extra)} unknown (e.g. {extra[:2]})")
+  return tree
+
+
+
+def save_bounds(path: str | Path, quant: QuantTree, meta: Mapping | None = None) -> None:
+  """Writes bounds.json: {"bounds": {name: [l, u]}, "meta": {...}} (atomically)."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps({"bounds": tree_to_dict(quant), "meta": dict(meta or {})}, indent=1))
+  tmp.replace(path)
+
+
+def load_bounds(path: str | Path, like: QuantTree | None = None) -> dict:
+  """Reads bounds from our bounds.json, the authors' reference JSON (a 'bounds' entry) or a
+  plain {name: [l, u]} JSON, or from the authors' quantized checkpoint (`net_Q_*.pth`, whose
+  state dict holds `<quantizer>.lower_bound/.upper_bound`). Returns the 'quant' collection."""
+  path = Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f"bounds file not found: {path}")
+  if path.suffix in (".pth", ".pt"):
+    from twodquant_jax.convert import split_quant_bounds, state_dict_from
+    from twodquant_jax.torch_pickle import load_pth
+    _, bounds = split_quant_bounds(state_dict_from(load_pth(path), str(path)))
+    if not bounds:
+      raise ValueError(f"{path} holds no quantizer bounds (<quantizer>.lower_bound entries)")
+  else:
+    try:
+      data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not a JSON bounds file ({e})") from e
+    bounds = data.get("bounds", data) if isinstance(data, dict) else None
+    if not isinstance(bounds, dict) or not all(
+        isinstance(v, (list, tuple)) and len(v) == 2 for v in bounds.values()):
+      raise ValueError(f"{path}: expected {{name: [lower, upper]}} (optionally under 'bounds')")
+  return dict_to_tree(bounds, like)
+
+
+def quant_names(quant_like: QuantTree) -> list[str]:
+  return sorted(leaves_by_name(quant_like, BOUNDS))
+
+
+def bounds_finite(quant: QuantTree) -> bool:
+  return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(quant))
