@@ -1,0 +1,7 @@
+"""2DQuant on SwinIR-light x2 with 3-bit weights and activations (W3A3)."""
+
+from configs import base
+
+
+def get_config():
+  return base.get_config(scale=2, bits=3, method="2dquant")

@@ -1,0 +1,202 @@
+"""The job `main.py` runs: load the model, get bounds (calibrate / DQC / load), evaluate, report.
+
+Data flows one way: checkpoint -> FP params; calibration images -> bounds (DOBI, DQC);
+benchmarks -> SR images -> PSNR/SSIM -> results.json / results.md / figures in the workdir.
+`results.json` is rewritten after every method, so an interrupted comparison keeps what it did.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from twodquant_jax import convert, evaluate, report
+from twodquant_jax.data.benchmarks import load_benchmark
+from twodquant_jax.data.images import save_png
+from twodquant_jax.models.swinir import SwinIR
+from twodquant_jax.quant import bounds as qbounds
+from twodquant_jax.quant import ratios
+from twodquant_jax.quant.dobi import CalibSettings, calibrate
+
+ALL_METHODS = ("fp", "bicubic", "minmax", "percentile", "dobi", "2dquant")
+QUANT_METHODS = ("minmax", "percentile", "dobi", "2dquant")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Clear errors for settings that would otherwise fail deep inside JAX."""
+  if config.scale not in (2, 3, 4):
+    raise ValueError(f"config.scale must be 2, 3 or 4, got {config.scale}")
+  if config.method not in ALL_METHODS + ("all",):
+    raise ValueError(f"config.method must be one of {ALL_METHODS + ('all',)}, got "
+                     f"{config.method!r}")
+  if config.method in QUANT_METHODS + ("all",) and not 2 <= config.bits <= 8:
+    raise ValueError(f"config.bits must be between 2 and 8 for quantization, got {config.bits}")
+  if config.eval.tile and config.eval.tile % 8:
+    raise ValueError(f"config.eval.tile must be a multiple of 8, got {config.eval.tile}")
+
+
+def methods_of(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  return ALL_METHODS if config.method == "all" else (config.method,)
+
+
+def default_workdir(config: ml_collections.ConfigDict) -> Path:
+  bits = "" if config.method in ("fp", "bicubic") else f"_w{config.bits}"
+  return Path("runs") / f"x{config.scale}{bits}_{config.method}"
+
+
+def load_params(config: ml_collections.ConfigDict) -> tuple[dict, dict, Path]:
+  """FP params of the checkpoint (local path or the official download) and any bounds in it."""
+  path = convert.resolve_checkpoint(config.model.checkpoint or None, config.scale,
+                                    config.model.cache_dir or None)
+  model = SwinIR(upscale=config.scale)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3))))
+  params, bounds = convert.load_checkpoint(path, config.scale, shapes["params"])
+  return jax.tree_util.tree_map(jnp.asarray, params), bounds, path
+
+
+def calibration_batch(config: ml_collections.ConfigDict) -> np.ndarray:
+  """The uint8 LR calibration batch: a given .npz, else the first batch of the training stream."""
+  from twodquant_jax.data import patches
+  if config.calib.batch_file:
+    return patches.load_batch_file(config.calib.batch_file)["lr"]
+  source = patches.load_patch_source(config.calib.root, config.calib.lr_size * config.scale)
+  return patches.calibration_batch(source, config.seed, scale=config.scale,
+                                   batch_size=config.calib.num_patches,
+                                   lr_size=config.calib.lr_size, augment=config.calib.augment)["lr"]
+
+
+def calib_settings(config: ml_collections.ConfigDict, method: str) -> CalibSettings:
+  return CalibSettings(method="dobi" if method == "2dquant" else method,
+                       num_candidates=config.dobi.num_candidates, strategy=config.dobi.strategy,
+                       tie=config.dobi.tie, percentile_low=config.percentile.low,
+                       percentile_high=config.percentile.high)
+
+
+def sr_function(config: ml_collections.ConfigDict, params: dict, quant: dict | None
+                ) -> Callable:
+  """(B, H, W, 3) float -> SR, for the FP model (quant None) or the fake-quantized one."""
+  if quant is None:
+    model = SwinIR(upscale=config.scale)
+    return lambda x: model.apply({"params": params}, x)
+  model = SwinIR(upscale=config.scale, mode="quant", bits=config.bits)
+  return lambda x: model.apply({"params": params, "quant": quant}, x)
+
+
+def evaluate_method(config, method: str, predict, datasets: dict, workdir: Path) -> dict:
+  out = {}
+  for name, images in datasets.items():
+    on_image = None
+    if config.eval.save_sr:
+      folder = workdir / "sr" / method / name
+      on_image = lambda img, sr, folder=folder: save_png(folder / f"{img.name}.png", sr)
+    res = evaluate.evaluate_images(predict, images, config.scale, chunk=config.eval.batch_size,
+                                   progress=_progress(config), desc=f"{method} {name}",
+                                   on_image=on_image)
+    logging.info("%-10s %-9s PSNR %.2f dB  SSIM %.4f  (%d images, %.1f s)", method, name,
+                 res["psnr"], res["ssim"], res["num_images"], res["seconds"])
+    out[name] = res
+  return out
+
+
+def _progress(config) -> bool:
+  return bool(config.progress) and sys.stderr.isatty()
+
+
+def _environment() -> dict[str, Any]:
+  return {"jax": jax.__version__, "backend": jax.default_backend(),
+          "devices": [str(d) for d in jax.devices()], "python": platform.python_version(),
+          "machine": platform.machine(), "processor": platform.processor()}
+
+
+def write_results(workdir: Path, results: dict) -> None:
+  workdir.mkdir(parents=True, exist_ok=True)
+  tmp = workdir / "results.json.tmp"
+  tmp.write_text(json.dumps(results, indent=1, default=float))
+  tmp.replace(workdir / "results.json")
+  (workdir / "results.md").write_text(report.results_markdown(results))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) -> dict:
+  """Runs the configured method(s) end to end and writes the workdir; returns the results."""
+  validate(config)
+  workdir = Path(workdir) if workdir else default_workdir(config)
+  workdir.mkdir(parents=True, exist_ok=True)
+  t_start = time.perf_counter()
+  with jax.default_matmul_precision(config.matmul_precision):
+    params, ckpt_bounds, ckpt_path = load_params(config)
+    names = [n.strip() for n in config.eval.datasets.split(",") if n.strip()]
+    datasets = {n: load_benchmark(config.data.root, n, config.scale) for n in names}
+    results: dict[str, Any] = {
+        "config": config.to_dict(), "checkpoint": str(ckpt_path), "scale": config.scale,
+        "bits": config.bits, "methods": {}, "environment": _environment(),
+        "ratios": ratios.ratios(params, SwinIR(upscale=config.scale), config.bits),
+    }
+    dobi_quant = None
+    for method in methods_of(config):
+      t0 = time.perf_counter()
+      entry: dict[str, Any] = {}
+      quant = None
+      if method == "bicubic":
+        predict = evaluate.bicubic_predict(config.scale)
+      else:
+        if method in QUANT_METHODS:
+          quant, entry = _bounds_for(method, config, params, ckpt_bounds, dobi_quant, workdir)
+          if method == "dobi":
+            dobi_quant = quant
+        predictor = evaluate.Predictor(sr_function(config, params, quant), config.scale,
+                                       batch_size=config.eval.batch_size,
+                                       tile=config.eval.tile or None,
+                                       tile_overlap=config.eval.tile_overlap)
+        predict = predictor.predict
+      entry["datasets"] = evaluate_method(config, method, predict, datasets, workdir)
+      entry["seconds"] = time.perf_counter() - t0
+      results["methods"][method] = entry
+      results["seconds_total"] = time.perf_counter() - t_start
+      write_results(workdir, results)
+    if config.report.figures:
+      report.make_figures(config, workdir, results, params=params, datasets=datasets)
+  results["seconds_total"] = time.perf_counter() - t_start
+  write_results(workdir, results)
+  return results
+
+
+def _bounds_for(method: str, config, params, ckpt_bounds, dobi_quant, workdir: Path):
+  """Bounds for a quantized method: loaded, calibrated, or DOBI + DQC. Saved to the workdir."""
+  like = jax.eval_shape(lambda: SwinIR(upscale=config.scale, mode="quant", bits=config.bits)
+                        .init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["quant"])
+  entry: dict[str, Any] = {}
+  if config.model.bounds or (ckpt_bounds and method != "2dquant"):
+    source = config.model.bounds or "checkpoint"
+    quant = (qbounds.load_bounds(config.model.bounds, like) if config.model.bounds
+             else qbounds.dict_to_tree(ckpt_bounds, like))
+    entry["bounds_from"] = str(source)
+  elif method == "2dquant":
+    if dobi_quant is None:
+      dobi_quant, info = calibrate(params, config.scale, config.bits,
+                                   calibration_batch(config), calib_settings(config, "dobi"),
+                                   progress=_progress(config))
+      qbounds.save_bounds(workdir / "bounds_dobi.json", dobi_quant, {"method": "dobi", **info})
+      entry["calibration"] = info
+    from twodquant_jax.quant import dqc
+    quant, entry["dqc"] = dqc.train(params, dobi_quant, config=config, workdir=workdir,
+                                    progress=_progress(config))
+  else:
+    quant, info = calibrate(params, config.scale, config.bits, calibration_batch(config),
+                            calib_settings(config, method), progress=_progress(config))
+    entry["calibration"] = info
+  fname = "bounds.json" if method in ("dobi", "2dquant") and config.method != "all" \
+      else f"bounds_{method}.json"
+  qbounds.save_bounds(workdir / fname, quant, {"method": method, "bits": config.bits,
+                                               "scale": config.scale})
+  entry["bounds_file"] = fname
+  return quant, entry

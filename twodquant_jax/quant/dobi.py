@@ -1,0 +1,132 @@
+"""Stage 1: bound initialisation from one full-precision pass of the calibration batch.
+
+`calibrate` runs the FP network one RSTB at a time with its quantizers in 'capture' mode (each
+sows the tensor it sees; weights are sown too), then searches every quantizer's bounds with a
+jitted search (`quant/search.py`): DOBI (paper Sec. 3.2), or the MinMax / Percentile baselines.
+Going RSTB by RSTB keeps memory at a quarter of the captured tensors (32 patches of 64x64 give
+~2.7 GB per RSTB, of which the attention maps are most).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from twodquant_jax.models.swinir import RSTB, SwinIR
+from twodquant_jax.quant import search
+from twodquant_jax.quant.bounds import dict_to_tree, is_one_sided, leaves_by_name
+from twodquant_jax.quant.modules import CALIB
+
+METHODS = ("minmax", "percentile", "dobi")
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibSettings:
+  """How bounds are initialised. `strategy`: 'paper' (one-sided search for the attention map
+  and fc2 input) or 'reference' (symmetric everywhere, as the released code runs); `tie`:
+  'first' (released code, strict <) or 'last' (paper pseudo-code, <=)."""
+  method: str = "dobi"
+  num_candidates: int = 100
+  strategy: str = "paper"
+  tie: str = "last"
+  percentile_low: float = 0.01
+  percentile_high: float = 99.99
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f"calibration method must be one of {METHODS}, got {self.method!r}")
+    if self.strategy not in ("paper", "reference"):
+      raise ValueError(f"dobi.strategy must be 'paper' or 'reference', got {self.strategy!r}")
+    if self.tie not in ("first", "last"):
+      raise ValueError(f"dobi.tie must be 'first' or 'last', got {self.tie!r}")
+    if not 0 <= self.percentile_low < self.percentile_high <= 100:
+      raise ValueError("percentiles must satisfy 0 <= low < high <= 100")
+
+
+def bounds_for(x: jnp.ndarray, name: str, bits: int, cfg: CalibSettings) -> jnp.ndarray:
+  """[lower, upper] for quantizer `name` from the FP tensor it sees."""
+  if cfg.method == "minmax":
+    return search.minmax_bounds(x)
+  if cfg.method == "percentile":
+    return search.percentile_bounds(x, cfg.percentile_low, cfg.percentile_high)
+  one_sided = cfg.strategy == "paper" and is_one_sided(name)
+  return search.dobi_bounds(x, bits, num_candidates=cfg.num_candidates,
+                            direction="one_sided" if one_sided else "symmetric",
+                            one_sided_step="paper", tie=cfg.tie)
+
+
+def _shared_input_of(name: str) -> str | None:
+  """k and v input quantizers see the very tensor the q one sees (the LayerNorm output)."""
+  for part in (".qkv.k.act_quantizer", ".qkv.v.act_quantizer"):
+    if name.endswith(part):
+      return name[: -len(part)] + ".qkv.q.act_quantizer"
+  return None
+
+
+def iter_captured(params: Mapping, scale: int, bits: int, lr: np.ndarray
+                  ) -> Iterator[tuple[int, dict[str, jnp.ndarray], float]]:
+  """Runs the FP network one RSTB at a time and yields (rstb index, {quantizer name: the FP
+  tensor it sees (weights: the weight slice)}, forward seconds). Only one RSTB's tensors are
+  alive at a time."""
+  x = jnp.asarray(np.asarray(lr, np.float32) / 255.0)
+  fp = SwinIR(upscale=scale)
+  if len(set(fp.depths)) != 1 or len(set(fp.num_heads)) != 1:
+    raise NotImplementedError("capture assumes identical RSTBs")
+  shallow, tokens = jax.jit(lambda p, x: fp.apply({"params": p}, x, method=SwinIR.embed))(
+      params, x)
+  hw = tuple(shallow.shape[1:3])
+  rstb = RSTB(fp.embed_dim, fp.depths[0], fp.num_heads[0], fp.window_size, fp.mlp_ratio,
+              mode="capture", bits=bits)
+
+  @jax.jit
+  def run_layer(layer_params, tokens):
+    (out, _), state = rstb.apply({"params": layer_params}, tokens, hw, mutable=[CALIB])
+    return out, state[CALIB]
+
+  for i in range(len(fp.depths)):
+    tf = time.perf_counter()
+    tokens, captured = run_layer(params[f"layers_{i}"], tokens)
+    jax.block_until_ready(tokens)
+    seconds = time.perf_counter() - tf
+    yield i, leaves_by_name({f"layers_{i}": captured}, "input"), seconds
+    del captured
+
+
+def calibrate(params: Mapping, scale: int, bits: int, lr: np.ndarray, cfg: CalibSettings,
+              *, progress: bool = False) -> tuple[dict, dict]:
+  """Bounds of all 384 quantizers from the uint8 LR calibration batch (N, h, w, 3).
+
+  Returns (the 'quant' collection, info with timings). Quantizers whose inputs are the same
+  tensor (q/k/v input quantizers) are searched once and share the result (the search is
+  deterministic, so this changes nothing but the time).
+  """
+  t0 = time.perf_counter()
+  bounds: dict[str, list[float]] = {}
+  search_s = forward_s = 0.0
+  total = 16 * sum(SwinIR.depths)
+  bar = tqdm(total=total, desc=f"{cfg.method} bounds", disable=not progress, leave=False)
+  for _, inputs, seconds in iter_captured(params, scale, bits, lr):
+    forward_s += seconds
+    ts = time.perf_counter()
+    for name in sorted(inputs, key=lambda n: _shared_input_of(n) is not None):
+      shared = _shared_input_of(name)
+      if shared is not None and shared in bounds:
+        bounds[name] = bounds[shared]
+      else:
+        b = np.asarray(bounds_for(inputs[name], name, bits, cfg))
+        bounds[name] = [float(b[0]), float(b[1])]
+      bar.update(1)
+    del inputs
+    search_s += time.perf_counter() - ts
+  bar.close()
+  if len(bounds) != total:
+    raise RuntimeError(f"captured {len(bounds)} quantizers, expected {total}")
+  info = {"method": cfg.method, "seconds_total": time.perf_counter() - t0,
+          "seconds_forward": forward_s, "seconds_search": search_s, "num_patches": int(lr.shape[0])}
+  return dict_to_tree(bounds), info

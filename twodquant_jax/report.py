@@ -1,0 +1,43 @@
+"""Reports: the Table-3-style Markdown table from results.json, and (optionally) figures."""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+LABELS = {"fp": "FP", "bicubic": "Bicubic", "minmax": "MinMax", "percentile": "Percentile",
+          "dobi": "DOBI", "2dquant": "2DQuant"}
+
+
+def results_markdown(results: Mapping) -> str:
+  """PSNR/SSIM per method (rows) and dataset (columns), in the layout of the paper's Table 3."""
+  methods = results["methods"]
+  datasets: list[str] = []
+  for entry in methods.values():
+    for name in entry.get("datasets", {}):
+      if name not in datasets:
+        datasets.append(name)
+  scale, bits = results["scale"], results["bits"]
+  head = "| Method | Bits (W/A) | " + " | ".join(datasets) + " |"
+  sep = "|---|---|" + "---|" * len(datasets)
+  rows = [f"# SwinIR-light x{scale}: PSNR (dB) / SSIM on Y", "", head, sep]
+  for method, entry in methods.items():
+    b = "32/32" if method in ("fp", "bicubic") else f"{bits}/{bits}"
+    cells = []
+    for name in datasets:
+      d = entry.get("datasets", {}).get(name)
+      cells.append(f"{d['psnr']:.2f} / {d['ssim']:.4f}" if d else "-")
+    rows.append(f"| {LABELS.get(method, method)} | {b} | " + " | ".join(cells) + " |")
+  r = results.get("ratios")
+  if r:
+    rows += ["", f"Compression ratio {r['compression']:.2f}x, speedup ratio {r['speedup']:.2f}x "
+             f"at {r['bits']} bits (paper Table 2 counting, {r['macs_input_hw'][0]}x"
+             f"{r['macs_input_hw'][1]} LR input)."]
+  rows += ["", f"Checkpoint: `{results.get('checkpoint', '?')}`; total time "
+           f"{results.get('seconds_total', float('nan')):.1f} s."]
+  return "\n".join(rows) + "\n"
+
+
+def make_figures(config, workdir, results, *, params, datasets) -> list[str]:
+  """Writes the PNG figures into <workdir>/figures (see `figures.py`)."""
+  from twodquant_jax import figures
+  return figures.make_all(config, workdir, results, params=params, datasets=datasets)
