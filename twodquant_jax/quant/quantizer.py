@@ -1,0 +1,129 @@
+"""Per-tensor fake quantization (SPEC section 2, paper Eq. 1) with the released code's gradients.
+
+Forward: v_c = clip(v, l, u); s = (u - l) / (2^N - 1); v_r = round((v_c - l) / s) (half to even);
+v_q = s * v_r + l.
+
+Backward: only two pieces are special, each a tiny `jax.custom_vjp` primitive:
+- round is straight-through (identity gradient);
+- clip passes the gradient to v where l <= v <= u (0 outside), to l where v <= l and to u where
+  v >= u, summed over the tensor (so at v == l both v and l receive it, as in the released code).
+Everything else (s, the division, the affine back-map) is left to JAX's ordinary differentiation.
+Written out, for v_c, t = (v_c - l) / s and r = round(t):
+  d v_q / d v = [l <= v <= u],  d v_q / d l = [v <= l] + (t - r) / (2^N - 1),
+  d v_q / d u = [v >= u] + (r - t) / (2^N - 1).
+
+Exact division: XLA's algebraic simplifier rewrites `a / c` (c a constant) and `a / broadcast(s)`
+into multiplications by the reciprocal, which is not bit-identical to a true division and moves
+values across rounding ties. `_true_div` hides the divisor from that rewrite so the forward matches
+PyTorch's IEEE division. (XLA on CPU still contracts `s * r + l` into one fused multiply-add, which
+can change v_q by one ulp against PyTorch's separate multiply and add.)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+MIN_BITS = 1
+MAX_BITS = 16
+
+
+def check_bits(bits: int) -> int:
+  """Returns `bits` if it is a Python int in [MIN_BITS, MAX_BITS], else raises ValueError."""
+  if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+    raise ValueError(f"bits must be a Python int in [{MIN_BITS}, {MAX_BITS}], got {bits!r}")
+  return bits
+
+
+def num_levels(bits: int) -> int:
+  """2^N - 1: the number of quantization steps between l and u."""
+  return 2 ** check_bits(bits) - 1
+
+
+def _sum_to_shape(g: jnp.ndarray, shape: tuple[int, ...]) -> jnp.ndarray:
+  """Sums a broadcast gradient `g` back to the operand `shape` (the reverse of broadcasting)."""
+  lead = g.ndim - len(shape)
+  g = jnp.sum(g, axis=tuple(range(lead))) if lead else g
+  axes = tuple(i for i, d in enumerate(shape) if d == 1 and g.shape[i] != 1)
+  g = jnp.sum(g, axis=axes, keepdims=True) if axes else g
+  return g.reshape(shape)
+
+
+@jax.custom_vjp
+def ste_round(t: jnp.ndarray) -> jnp.ndarray:
+  """Round half to even with a straight-through (identity) gradient."""
+  return jnp.round(t)
+
+
+def _ste_round_fwd(t):
+  return jnp.round(t), None
+
+
+def _ste_round_bwd(_, g):
+  return (g,)
+
+
+ste_round.defvjp(_ste_round_fwd, _ste_round_bwd)
+
+
+@jax.custom_vjp
+def bounded_clip(v: jnp.ndarray, lower: jnp.ndarray, upper: jnp.ndarray) -> jnp.ndarray:
+  """min(max(v, l), u) with the released code's gradients to v, l and u (see module doc)."""
+  return jnp.minimum(jnp.maximum(v, lower), upper)
+
+
+def _bounded_clip_fwd(v, lower, upper):
+  return bounded_clip(v, lower, upper), (v, lower, upper)
+
+
+def _bounded_clip_bwd(res, g):
+  v, lower, upper = res
+  zero = jnp.zeros_like(g)
+  g_v = jnp.where((v >= lower) & (v <= upper), g, zero)
+  g_l = jnp.where(v <= lower, g, zero)
+  g_u = jnp.where(v >= upper, g, zero)
+  return (_sum_to_shape(g_v, jnp.shape(v)).astype(v.dtype),
+          _sum_to_shape(g_l, jnp.shape(lower)).astype(lower.dtype),
+          _sum_to_shape(g_u, jnp.shape(upper)).astype(upper.dtype))
+
+
+bounded_clip.defvjp(_bounded_clip_fwd, _bounded_clip_bwd)
+
+
+def _true_div(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+  """IEEE a / b that XLA keeps as a division (see module doc).
+
+  The divisor becomes `b + a * 0`, which equals b for finite a but is neither a constant nor a
+  broadcast, so the reciprocal rewrite does not apply. Differentiates as ordinary a / b.
+  """
+  return a / (b + a * jnp.zeros((), a.dtype))
+
+
+def quant_step(lower: jnp.ndarray, upper: jnp.ndarray, bits: int) -> jnp.ndarray:
+  """s = (u - l) / (2^N - 1), a true float division as in PyTorch."""
+  width = upper - lower
+  return _true_div(width, jnp.asarray(num_levels(bits), width.dtype))
+
+
+def fake_quant(v: jnp.ndarray, lower: jnp.ndarray, upper: jnp.ndarray, bits: int) -> jnp.ndarray:
+  """Fake-quantizes `v` to 2^bits levels on [lower, upper] (SPEC Eq. 1), differentiably.
+
+  Args:
+    v: tensor of any shape (float32).
+    lower, upper: the bounds l < u, 0-d (or broadcastable to v; their gradients are summed back
+      to their own shapes, i.e. over the whole tensor for scalars).
+    bits: static Python int N.
+
+  Returns:
+    v_q with v's shape and dtype. Gradients follow the released code (module doc).
+  """
+  check_bits(bits)
+  v = jnp.asarray(v)
+  dtype = v.dtype if jnp.issubdtype(v.dtype, jnp.floating) else jnp.float32
+  v = v.astype(dtype)
+  lower = jnp.asarray(lower, dtype)
+  upper = jnp.asarray(upper, dtype)
+  s = quant_step(lower, upper, bits)
+  v_c = bounded_clip(v, lower, upper)
+  v_r = ste_round(_true_div(v_c - lower, s))
+  return s * v_r + lower
