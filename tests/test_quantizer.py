@@ -1,4 +1,4 @@
-"""fake_quant: forward against SPEC Eq. (1) in numpy, gradients against the SPEC rule written out."""
+"""fake_quant: forward vs SPEC Eq. (1) in numpy; gradients vs the SPEC rule written out."""
 
 import jax
 import jax.numpy as jnp
