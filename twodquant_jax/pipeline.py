@@ -78,7 +78,7 @@ def calibration_batch(config: ml_collections.ConfigDict) -> np.ndarray:
 def calib_settings(config: ml_collections.ConfigDict, method: str) -> CalibSettings:
   return CalibSettings(method="dobi" if method == "2dquant" else method,
                        num_candidates=config.dobi.num_candidates, strategy=config.dobi.strategy,
-                       tie=config.dobi.tie, percentile_low=config.percentile.low,
+                       tie=config.dobi.tie, search=config.dobi.search, percentile_low=config.percentile.low,
                        percentile_high=config.percentile.high)
 
 

@@ -125,7 +125,7 @@ class SwinBlock(nn.Module):
     h, w = hw
     b, _, c = x.shape
     ws, s = self.window_size, self.shift
-    y = nn.LayerNorm(epsilon=LN_EPS, name="norm1")(x).reshape(b, h, w, c)
+    y = nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, name="norm1")(x).reshape(b, h, w, c)
     if s:
       y = jnp.roll(y, (-s, -s), axis=(1, 2))
     mask = shifted_window_mask(h, w, ws, s) if s else None
@@ -135,7 +135,7 @@ class SwinBlock(nn.Module):
     if s:
       y = jnp.roll(y, (s, s), axis=(1, 2))
     x = x + y.reshape(b, h * w, c)
-    y = nn.LayerNorm(epsilon=LN_EPS, name="norm2")(x)
+    y = nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, name="norm2")(x)
     return x + Mlp(int(self.dim * self.mlp_ratio), self.mode, self.bits, name="mlp")(y)
 
 
@@ -219,12 +219,12 @@ class SwinIR(nn.Module):
     if self.upscale not in (2, 3, 4):
       raise ValueError(f"upscale must be 2, 3 or 4, got {self.upscale}")
     self.conv_first = _conv(self.embed_dim)
-    self.patch_embed_norm = nn.LayerNorm(epsilon=LN_EPS)
+    self.patch_embed_norm = nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False)
     self.layers = [
         RSTB(self.embed_dim, d, h, self.window_size, self.mlp_ratio, self.mode, self.bits)
         for d, h in zip(self.depths, self.num_heads)
     ]
-    self.norm = nn.LayerNorm(epsilon=LN_EPS)
+    self.norm = nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False)
     self.conv_after_body = _conv(self.embed_dim)
     self.upsample = _conv(3 * self.upscale ** 2)
 

@@ -10,6 +10,7 @@ Going RSTB by RSTB keeps memory at a quarter of the captured tensors (32 patches
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from typing import Iterator, Mapping
 
@@ -20,10 +21,11 @@ from tqdm import tqdm
 
 from twodquant_jax.models.swinir import RSTB, SwinIR
 from twodquant_jax.quant import search
-from twodquant_jax.quant.bounds import dict_to_tree, is_one_sided, leaves_by_name
+from twodquant_jax.quant.bounds import dict_to_tree, is_one_sided, is_weight, leaves_by_name
 from twodquant_jax.quant.modules import CALIB
 
 METHODS = ("minmax", "percentile", "dobi")
+_BMM_OPERAND = re.compile(r"\.mymodule_[qkv]$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +39,7 @@ class CalibSettings:
   tie: str = "last"
   percentile_low: float = 0.01
   percentile_high: float = 99.99
+  search: str = "auto"  # sorted (exact, host) | brute (vmapped XLA) | auto: brute on GPU/TPU
 
   def __post_init__(self):
     if self.method not in METHODS:
@@ -45,20 +48,46 @@ class CalibSettings:
       raise ValueError(f"dobi.strategy must be 'paper' or 'reference', got {self.strategy!r}")
     if self.tie not in ("first", "last"):
       raise ValueError(f"dobi.tie must be 'first' or 'last', got {self.tie!r}")
+    if self.search not in ("auto", "sorted", "brute"):
+      raise ValueError(f"dobi.search must be auto, sorted or brute, got {self.search!r}")
     if not 0 <= self.percentile_low < self.percentile_high <= 100:
       raise ValueError("percentiles must satisfy 0 <= low < high <= 100")
 
 
+def torch_order(name: str, x: jnp.ndarray) -> np.ndarray:
+  """The tensor in the released PyTorch code's memory order (its error-norm accumulation order):
+  torch Linear weights are (out, in), our kernels (in, out); its q/k/v BMM operands are laid out
+  (windows, tokens, heads, head_dim), ours (windows, heads, tokens, head_dim)."""
+  x = np.asarray(x)
+  if is_weight(name):
+    return x.T
+  if _BMM_OPERAND.search(name):
+    return x.transpose(0, 2, 1, 3)
+  return x
+
+
 def bounds_for(x: jnp.ndarray, name: str, bits: int, cfg: CalibSettings) -> jnp.ndarray:
-  """[lower, upper] for quantizer `name` from the FP tensor it sees."""
+  """[lower, upper] for quantizer `name` from the FP tensor it sees.
+
+  Strategy 'paper': exact errors, one-sided search for the attention map and fc2 input.
+  Strategy 'reference': as the released code runs: symmetric search everywhere, and candidates
+  whose errors are within float32 noise decided by its float32 error norm (`search.py`).
+  """
   if cfg.method == "minmax":
     return search.minmax_bounds(x)
   if cfg.method == "percentile":
     return search.percentile_bounds(x, cfg.percentile_low, cfg.percentile_high)
-  one_sided = cfg.strategy == "paper" and is_one_sided(name)
+  if cfg.strategy == "reference":
+    return jnp.asarray(search.dobi_bounds_torch_f32(
+        torch_order(name, x), bits, num_candidates=cfg.num_candidates, direction="symmetric",
+        tie=cfg.tie))
+  one_sided = is_one_sided(name)
+  impl = cfg.search
+  if impl == "auto":
+    impl = "sorted" if jax.default_backend() == "cpu" else "brute"
   return search.dobi_bounds(x, bits, num_candidates=cfg.num_candidates,
                             direction="one_sided" if one_sided else "symmetric",
-                            one_sided_step="paper", tie=cfg.tie)
+                            one_sided_step="paper", tie=cfg.tie, method=impl)
 
 
 def _shared_input_of(name: str) -> str | None:
