@@ -1,0 +1,256 @@
+"""The command line and the report: configs load and take overrides, bad values fail cleanly,
+a tiny end-to-end `main.py` run writes a consistent results.json / results.md, and the figures
+render from a fake workdir."""
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from absl import flags
+from ml_collections import config_flags
+from PIL import Image
+
+from twodquant_jax import figures
+from twodquant_jax.data.benchmarks import BenchmarkImage
+from twodquant_jax.data.bicubic import imresize
+from twodquant_jax.data.images import load_rgb, save_png, to_uint8
+from twodquant_jax.paths import REPO_ROOT
+
+CONFIGS = ["fp_x2", "fp_x3", "fp_x4"] + [f"x{s}_w{b}" for s in (2, 3, 4) for b in (2, 3, 4)]
+
+
+@pytest.fixture(autouse=True)
+def _repo_on_path(monkeypatch):
+  """Config files import `configs.base`, which needs the repo root on sys.path (as main.py has)."""
+  monkeypatch.syspath_prepend(str(REPO_ROOT))
+
+
+def _expected(name: str) -> tuple[int, int | None, str]:
+  m = re.fullmatch(r"fp_x(\d)", name)
+  if m:
+    return int(m.group(1)), None, "fp"
+  m = re.fullmatch(r"x(\d)_w(\d)", name)
+  return int(m.group(1)), int(m.group(2)), "2dquant"
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_module_loads(name):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  scale, bits, method = _expected(name)
+  assert (config.scale, config.method) == (scale, method)
+  if bits is not None:
+    assert config.bits == bits
+  from twodquant_jax import pipeline
+  pipeline.validate(config)
+  assert config.report.calib_patches >= 0
+
+
+def _parse(argv: list[str]) -> flags.FlagValues:
+  """Parses like main.py on a fresh FlagValues; overrides are found in `sys_argv`."""
+  fv = flags.FlagValues()
+  argv = ["main.py"] + argv
+  config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv,
+                                  lock_config=True, sys_argv=argv)
+  fv(argv)
+  return fv
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_file_flag_with_overrides(name):
+  path = str(REPO_ROOT / "configs" / f"{name}.py")
+  fv = _parse([f"--config={path}", "--config.dqc.steps=500", "--config.bits=3",
+               "--config.report.figures=True", "--config.eval.datasets=Set5"])
+  c = fv.config
+  assert (c.dqc.steps, c.bits, c.report.figures, c.eval.datasets) == (500, 3, True, "Set5")
+  assert c.scale == _expected(name)[0]
+  assert _parse([f"--config={path}"]).config.dqc.steps == 3000  # defaults untouched
+
+
+def test_config_override_type_errors_in_process():
+  path = str(REPO_ROOT / "configs" / "x4_w2.py")
+  with pytest.raises(flags.IllegalFlagValueError):
+    _parse([f"--config={path}", "--config.bits=abc"])
+
+
+def _main(args: list[str], **kw) -> subprocess.CompletedProcess:
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run([sys.executable, str(REPO_ROOT / "main.py")] + args, cwd=REPO_ROOT,
+                        capture_output=True, text=True, env=env, **kw)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.bits=abc", "invalid literal"),
+    ("--config.method=bogus", "config.method must be one of"),
+    ("--config.scale=5", "config.scale must be 2, 3 or 4"),
+    ("--config.nosuch=1", "unknown config field 'nosuch'"),
+])
+def test_main_rejects_bad_values_cleanly(override, message, tmp_path):
+  r = _main(["--config=configs/x4_w2.py", override, f"--workdir={tmp_path / 'w'}"], timeout=120)
+  assert r.returncode != 0
+  assert message in r.stderr + r.stdout
+  assert "Traceback" not in r.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def _tiny_benchmark(root: Path, benchmarks: Path, size: int = 48) -> None:
+  """<root>/Set5/HR: 2 crops of Set5 HR images (no LR folder: LR is made by bicubic)."""
+  for name in ("baby", "bird"):
+    hr = load_rgb(benchmarks / "Set5" / "HR" / f"{name}.png")
+    y, x = hr.shape[0] // 3, hr.shape[1] // 3
+    save_png(root / "Set5" / "HR" / f"{name}.png", hr[y:y + size, x:x + size])
+
+
+RESULT_KEYS = {"config", "checkpoint", "scale", "bits", "methods", "environment", "ratios",
+               "seconds_total"}
+DATASET_KEYS = {"psnr", "ssim", "num_images", "images", "seconds"}
+
+
+def test_main_end_to_end_fp(tmp_path, reference, benchmarks):
+  root, workdir = tmp_path / "bench", tmp_path / "run"
+  _tiny_benchmark(root, benchmarks)
+  t0 = time.perf_counter()
+  r = _main(["--config=configs/fp_x4.py", f"--workdir={workdir}",
+             f"--config.model.checkpoint={reference / 'swinir_light_x4_random.pth'}",
+             f"--config.data.root={root}", "--config.eval.datasets=Set5",
+             "--config.eval.save_sr=True", "--config.report.figures=True",
+             "--config.report.visual_images=Set5/baby",
+             f"--config.calib.batch_file={reference / 'calib_x4.npz'}",
+             "--config.report.calib_patches=1"], timeout=600)
+  assert r.returncode == 0, r.stderr[-3000:]
+  print(f"main.py end to end: {time.perf_counter() - t0:.1f} s")
+
+  results = json.loads((workdir / "results.json").read_text())
+  assert RESULT_KEYS <= set(results)
+  assert (results["scale"], list(results["methods"])) == (4, ["fp"])
+  assert {"compression", "speedup", "bits"} <= set(results["ratios"])
+  entry = results["methods"]["fp"]
+  assert {"datasets", "seconds"} <= set(entry)
+  d = entry["datasets"]["Set5"]
+  assert DATASET_KEYS <= set(d)
+  assert d["num_images"] == 2 and set(d["images"]) == {"baby", "bird"}
+  assert d["psnr"] == pytest.approx(np.mean([v["psnr"] for v in d["images"].values()]))
+  assert all(set(v) == {"psnr", "ssim"} for v in d["images"].values())
+
+  md = (workdir / "results.md").read_text()
+  row = next(line for line in md.splitlines() if line.startswith("| FP |"))
+  cells = [c.strip() for c in row.strip("|").split("|")]
+  assert cells[1] == "32/32"
+  assert cells[2] == f"{d['psnr']:.2f} / {d['ssim']:.4f}"
+  assert "Set5" in md
+
+  assert (workdir / "sr" / "fp" / "Set5" / "baby.png").is_file()
+  figs = sorted(p.name for p in (workdir / "figures").glob("*.png"))
+  assert "visual_Set5_baby.png" in figs
+  assert any(f.startswith("hist_") for f in figs)  # FP histograms, no bounds in an FP run
+  assert "bound_percentiles.png" not in figs and "dqc_loss.png" not in figs
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures from a fake workdir.
+
+
+def _check_png(path: Path, min_side: int = 200) -> None:
+  img = np.asarray(Image.open(path).convert("RGB"))
+  assert min(img.shape[:2]) >= min_side, (path, img.shape)
+  colors = np.unique(img.reshape(-1, 3)[::7], axis=0)
+  assert len(colors) > 20, (path, len(colors))  # not a blank canvas
+
+
+def _fake_workdir(workdir: Path, reference: Path, hr: np.ndarray, lr: np.ndarray) -> dict:
+  dobi = json.loads((reference / "ref2dq_x4_w4_random_b4.json").read_text())["bounds"]
+  rng = np.random.default_rng(0)
+  dq = {k: [lo + 0.1 * (hi - lo) * float(rng.uniform(-1, 1)),
+            hi - 0.1 * (hi - lo) * float(rng.uniform(-1, 1))] for k, (lo, hi) in dobi.items()}
+  workdir.mkdir(parents=True)
+  (workdir / "bounds_dobi.json").write_text(json.dumps({"bounds": dobi,
+                                                        "meta": {"method": "dobi"}}))
+  (workdir / "bounds.json").write_text(json.dumps({"bounds": dq, "meta": {"method": "2dquant"}}))
+  with open(workdir / "dqc_log.jsonl", "w") as f:
+    for step in range(10, 301, 10):
+      loss = 1e-6 * (1 + 3 / np.sqrt(step))
+      rec = {"step": step, "loss": loss, "l_pix": loss - 4e-12, "l_feature": 4e-12,
+             "lr": 1e-2 * 0.5 * (1 + np.cos(np.pi * step / 300))}
+      if step % 100 == 0:
+        rec["val_psnr"] = 24 + step / 300
+      f.write(json.dumps(rec) + "\n")
+    f.write('{"step": 31')  # a line cut by a kill
+  # Saved SR images for two methods; DOBI's is computed by the figure code itself.
+  up = to_uint8(imresize(lr.astype(np.float64) / 255.0, 4))
+  save_png(workdir / "sr" / "fp" / "Tiny" / "img.png", up)
+  save_png(workdir / "sr" / "2dquant" / "Tiny" / "img.png", up[::-1].copy())
+  per = lambda p: {"datasets": {"Tiny": {"psnr": p, "ssim": 0.5, "num_images": 1,
+                                         "images": {"img": {"psnr": p, "ssim": 0.5}}}}}
+  results = {"scale": 4, "bits": 4, "methods": {
+      "fp": per(25.0), "bicubic": per(24.0), "dobi": {**per(20.0), "bounds_file": "bounds_dobi.json"},
+      "2dquant": {**per(22.0), "bounds_file": "bounds.json"}}}
+  (workdir / "results.json").write_text(json.dumps(results))
+  return results
+
+
+def test_figures_from_fake_workdir(tmp_path, reference, benchmarks):
+  from configs import base
+  hr = load_rgb(benchmarks / "Set5" / "HR" / "baby.png")[160:224, 160:224]
+  lr = to_uint8(imresize(hr.astype(np.float64) / 255.0, 1 / 4))
+  workdir = tmp_path / "wd"
+  results = _fake_workdir(workdir, reference, hr, lr)
+  config = base.get_config(scale=4, bits=4, method="all")
+  config.model.checkpoint = str(reference / "swinir_light_x4_random.pth")
+  config.calib.batch_file = str(reference / "calib_x4.npz")
+  config.report.calib_patches = 1
+  config.report.visual_images = "Tiny/img,Tiny/missing,Nowhere/img"
+  config.data.root = str(tmp_path / "no_benchmarks")
+  t0 = time.perf_counter()
+  paths = figures.make_all(config, workdir, results, params=None,
+                           datasets={"Tiny": [BenchmarkImage("img", lr, hr)]})
+  print(f"figures.make_all: {time.perf_counter() - t0:.1f} s")
+  names = sorted(Path(p).name for p in paths)
+  hist = [n for n in names if n.startswith("hist_")]
+  assert len(hist) == 3
+  assert {"bound_percentiles.png", "visual_Tiny_img.png", "dqc_loss.png"} <= set(names)
+  assert all(Path(p).parent == workdir / "figures" for p in paths)
+  for p in paths:
+    _check_png(Path(p))
+
+
+def test_figures_skip_missing_inputs(tmp_path):
+  from configs import base
+  config = base.get_config(scale=4, bits=4, method="2dquant")
+  config.calib.batch_file = str(tmp_path / "none.npz")
+  config.calib.root = str(tmp_path / "none")
+  config.report.visual_images = "Set5/baby"
+  config.data.root = str(tmp_path / "none")
+  results = {"scale": 4, "bits": 4, "methods": {}}
+  assert figures.make_all(config, tmp_path, results, params={}, datasets={}) == []
+
+
+def test_bound_fractions_and_helpers(tmp_path):
+  x = np.arange(10, dtype=np.float32).reshape(2, 5)
+  below, upto = figures._bound_fractions(x, np.array([0.0, 2.5], np.float32),
+                                         np.array([9.0, 4.0], np.float32))
+  np.testing.assert_allclose(below, [0.0, 0.3])  # min -> 0 %: nothing is clipped up
+  np.testing.assert_allclose(upto, [1.0, 0.5])  # max -> 100 %
+
+  img = np.zeros((40, 60, 3), np.uint8)
+  img[20:30, 35:45] = 255 * (np.indices((10, 10)).sum(0) % 2)[..., None]
+  y, x0 = figures.best_crop(img, 10)
+  assert (y, x0) == (20, 35)
+
+  order = figures.quantizer_order()
+  assert len(order) == len(set(order)) == 384
+  kinds = [figures.quantizer_kind(n) for n in order]
+  assert (kinds.count("weight"), kinds.count("activation"),
+          kinds.count("attention BMM operand")) == (144, 144, 96)
+
+  from configs import base
+  config = base.get_config(method="dobi")
+  (tmp_path / "bounds.json").write_text(json.dumps({"bounds": {}}))
+  (tmp_path / "bounds_minmax.json").write_text("{}")
+  (tmp_path / "bounds_2dquant.json").write_text("{}")
+  assert list(figures.bound_files(tmp_path, config)) == ["minmax", "dobi", "2dquant"]
