@@ -8,8 +8,9 @@ into overlapping tiles of one shape that are batched and stitched back (averaged
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +20,7 @@ from tqdm import tqdm
 from twodquant_jax import metrics
 from twodquant_jax.data.benchmarks import BenchmarkImage
 from twodquant_jax.data.images import to_uint8
+from twodquant_jax.models.swinir import SwinIR
 
 ApplyFn = Callable[[jnp.ndarray], jnp.ndarray]  # (B, H, W, 3) float -> (B, sH, sW, 3) float
 
@@ -46,30 +48,46 @@ def _starts(size: int, tile: int, overlap: int) -> list[int]:
   return list(range(0, size - tile, stride)) + [size - tile]
 
 
+@functools.lru_cache(maxsize=None)
+def jitted_apply(scale: int, mode: str = "fp", bits: int = 4) -> Callable:
+  """One jitted `(variables, x) -> SR` per model kind, shared by every Predictor of that kind.
+
+  Parameters and bounds are arguments, not constants, so methods with the same bit width (MinMax,
+  Percentile, DOBI, 2DQuant) reuse one compilation per image size.
+  """
+  model = SwinIR(upscale=scale, mode=mode, bits=bits)
+  return jax.jit(lambda variables, x: model.apply(variables, x))
+
+
 @dataclasses.dataclass
 class Predictor:
-  """Runs a super-resolution apply function over uint8 images with padding, batching, tiling.
+  """Runs a super-resolution function over uint8 images with padding, batching, tiling.
 
-  `apply_fn` is jitted here; it is retraced once per distinct batch shape. `tile` (LR pixels, a
-  multiple of `multiple`) caps the size fed at once; None never tiles.
+  Either `apply_fn(x)` (jitted here) or, with `variables`, an already jitted
+  `apply_fn(variables, x)` such as `jitted_apply(...)`; it is traced once per distinct batch
+  shape. `tile` (LR pixels, a multiple of `multiple`) caps the size fed at once; None never tiles.
   """
-  apply_fn: ApplyFn
+  apply_fn: Callable
   scale: int
   multiple: int = 8
   batch_size: int = 8
   tile: int | None = None
   tile_overlap: int = 32
+  variables: Mapping | None = None
 
   def __post_init__(self):
     if self.tile is not None and (self.tile % self.multiple or self.tile <= self.tile_overlap):
       raise ValueError(f"eval.tile must be a multiple of {self.multiple} larger than the overlap "
                        f"({self.tile_overlap}), got {self.tile}")
-    self._jitted = jax.jit(self.apply_fn)
+    if self.variables is None:
+      self._call = jax.jit(self.apply_fn)
+    else:
+      self._call = functools.partial(self.apply_fn, self.variables)
     self.compiled_shapes: set[tuple[int, ...]] = set()
 
   def _run(self, batch: np.ndarray) -> np.ndarray:
     self.compiled_shapes.add(batch.shape)
-    return np.asarray(self._jitted(jnp.asarray(batch)))
+    return np.asarray(self._call(jnp.asarray(batch)))
 
   def _run_tiled(self, x: np.ndarray) -> np.ndarray:
     """x: one padded float image (H, W, 3) larger than the tile; returns (sH, sW, 3)."""

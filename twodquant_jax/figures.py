@@ -175,7 +175,7 @@ def tensor_stats(params: Mapping, config: ml_collections.ConfigDict, lr: np.ndar
   hist_names = set(hist_names)
   hists: dict[str, dict] = {}
   pct: dict[str, dict[str, tuple[float, float]]] = {m: {} for m in bounds}
-  for _, captured, _ in dobi.iter_captured(params, config.scale, config.bits, lr):
+  for _, captured, _ in dobi.iter_captured(params, config.scale, lr):
     for name, x in captured.items():
       methods = [m for m in bounds if name in bounds[m]]
       if methods:
@@ -318,9 +318,7 @@ def sr_images(config: ml_collections.ConfigDict, workdir: Path, results: Mapping
           logging.info("figures: no bounds file for %s; it is left out of the visual", method)
           continue
         quant = qbounds.load_bounds(bound_paths[method], _quant_like(config))
-      predict = evaluate.Predictor(pipeline.sr_function(config, params(), quant), config.scale,
-                                   batch_size=1, tile=config.eval.tile or None,
-                                   tile_overlap=config.eval.tile_overlap).predict
+      predict = pipeline.sr_predictor(config, params(), quant).predict
     out[method] = to_uint8(predict([lr])[0])
   return out
 

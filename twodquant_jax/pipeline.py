@@ -26,7 +26,7 @@ from twodquant_jax.data.images import save_png
 from twodquant_jax.models.swinir import SwinIR
 from twodquant_jax.quant import bounds as qbounds
 from twodquant_jax.quant import ratios
-from twodquant_jax.quant.dobi import CalibSettings, calibrate
+from twodquant_jax.quant.dobi import CalibSettings, calibrate_many
 
 ALL_METHODS = ("fp", "bicubic", "minmax", "percentile", "dobi", "2dquant")
 QUANT_METHODS = ("minmax", "percentile", "dobi", "2dquant")
@@ -36,17 +36,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
   """Clear errors for settings that would otherwise fail deep inside JAX."""
   if config.scale not in (2, 3, 4):
     raise ValueError(f"config.scale must be 2, 3 or 4, got {config.scale}")
-  if config.method not in ALL_METHODS + ("all",):
-    raise ValueError(f"config.method must be one of {ALL_METHODS + ('all',)}, got "
-                     f"{config.method!r}")
-  if config.method in QUANT_METHODS + ("all",) and not 2 <= config.bits <= 8:
+  asked = [m.strip() for m in config.method.split(",") if m.strip()]
+  unknown = [m for m in asked if m not in ALL_METHODS + ("all",)]
+  if not asked or unknown or ("all" in asked and len(asked) > 1):
+    raise ValueError(f"config.method must be 'all' or one or more (comma-separated) of "
+                     f"{ALL_METHODS}, got {config.method!r}")
+  if set(methods_of(config)) & set(QUANT_METHODS) and not 2 <= config.bits <= 8:
     raise ValueError(f"config.bits must be between 2 and 8 for quantization, got {config.bits}")
   if config.eval.tile and config.eval.tile % 8:
     raise ValueError(f"config.eval.tile must be a multiple of 8, got {config.eval.tile}")
 
 
 def methods_of(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  return ALL_METHODS if config.method == "all" else (config.method,)
+  """'all', one method, or a comma-separated list (run in the order of ALL_METHODS)."""
+  if config.method == "all":
+    return ALL_METHODS
+  asked = [m.strip() for m in config.method.split(",") if m.strip()]
+  return tuple(m for m in ALL_METHODS if m in asked)
 
 
 def default_workdir(config: ml_collections.ConfigDict) -> Path:
@@ -82,14 +88,17 @@ def calib_settings(config: ml_collections.ConfigDict, method: str) -> CalibSetti
                        percentile_high=config.percentile.high)
 
 
-def sr_function(config: ml_collections.ConfigDict, params: dict, quant: dict | None
-                ) -> Callable:
-  """(B, H, W, 3) float -> SR, for the FP model (quant None) or the fake-quantized one."""
+def sr_predictor(config: ml_collections.ConfigDict, params: dict, quant: dict | None
+                 ) -> evaluate.Predictor:
+  """A Predictor for the FP model (quant None) or the fake-quantized one with these bounds."""
   if quant is None:
-    model = SwinIR(upscale=config.scale)
-    return lambda x: model.apply({"params": params}, x)
-  model = SwinIR(upscale=config.scale, mode="quant", bits=config.bits)
-  return lambda x: model.apply({"params": params, "quant": quant}, x)
+    fn, variables = evaluate.jitted_apply(config.scale), {"params": params}
+  else:
+    fn = evaluate.jitted_apply(config.scale, "quant", config.bits)
+    variables = {"params": params, "quant": quant}
+  return evaluate.Predictor(fn, config.scale, batch_size=config.eval.batch_size,
+                            tile=config.eval.tile or None, tile_overlap=config.eval.tile_overlap,
+                            variables=variables)
 
 
 def evaluate_method(config, method: str, predict, datasets: dict, workdir: Path) -> dict:
@@ -141,26 +150,27 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) ->
         "bits": config.bits, "methods": {}, "environment": _environment(),
         "ratios": ratios.ratios(params, SwinIR(upscale=config.scale), config.bits),
     }
-    dobi_quant = None
+    bounds = _initial_bounds(config, params, ckpt_bounds, results)
     for method in methods_of(config):
       t0 = time.perf_counter()
-      entry: dict[str, Any] = {}
+      entry = results["methods"].setdefault(method, {})
       quant = None
       if method == "bicubic":
         predict = evaluate.bicubic_predict(config.scale)
       else:
-        if method in QUANT_METHODS:
-          quant, entry = _bounds_for(method, config, params, ckpt_bounds, dobi_quant, workdir)
-          if method == "dobi":
-            dobi_quant = quant
-        predictor = evaluate.Predictor(sr_function(config, params, quant), config.scale,
-                                       batch_size=config.eval.batch_size,
-                                       tile=config.eval.tile or None,
-                                       tile_overlap=config.eval.tile_overlap)
-        predict = predictor.predict
+        if method == "2dquant" and "2dquant" not in bounds:
+          from twodquant_jax.quant import dqc
+          if "dobi" not in methods_of(config):  # keep the starting point (figures, reruns)
+            qbounds.save_bounds(workdir / "bounds_dobi.json", bounds["dobi"],
+                                {"method": "dobi", "bits": config.bits, "scale": config.scale})
+          bounds["2dquant"], entry["dqc"] = dqc.train(
+              params, bounds["dobi"], config=config, workdir=workdir, progress=_progress(config))
+        quant = bounds.get(method)
+        if quant is not None:
+          entry["bounds_file"] = _save_bounds(config, workdir, method, quant)
+        predict = sr_predictor(config, params, quant).predict
       entry["datasets"] = evaluate_method(config, method, predict, datasets, workdir)
       entry["seconds"] = time.perf_counter() - t0
-      results["methods"][method] = entry
       results["seconds_total"] = time.perf_counter() - t_start
       write_results(workdir, results)
     if config.report.figures:
@@ -170,33 +180,49 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) ->
   return results
 
 
-def _bounds_for(method: str, config, params, ckpt_bounds, dobi_quant, workdir: Path):
-  """Bounds for a quantized method: loaded, calibrated, or DOBI + DQC. Saved to the workdir."""
+def _initial_bounds(config, params, ckpt_bounds, results) -> dict[str, dict]:
+  """Bounds before DQC for the methods to run: loaded from a file or the checkpoint when given,
+  else MinMax / Percentile / DOBI (also DOBI for 2DQuant) from ONE capture pass of the FP model
+  on the calibration batch. Records where they came from in results['methods']."""
+  methods = methods_of(config)
+  wanted = {m for m in methods if m in QUANT_METHODS}
+  if not wanted:
+    return {}
   like = jax.eval_shape(lambda: SwinIR(upscale=config.scale, mode="quant", bits=config.bits)
                         .init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["quant"])
-  entry: dict[str, Any] = {}
-  if config.model.bounds or (ckpt_bounds and method != "2dquant"):
-    source = config.model.bounds or "checkpoint"
-    quant = (qbounds.load_bounds(config.model.bounds, like) if config.model.bounds
-             else qbounds.dict_to_tree(ckpt_bounds, like))
-    entry["bounds_from"] = str(source)
-  elif method == "2dquant":
-    if dobi_quant is None:
-      dobi_quant, info = calibrate(params, config.scale, config.bits,
-                                   calibration_batch(config), calib_settings(config, "dobi"),
-                                   progress=_progress(config))
-      qbounds.save_bounds(workdir / "bounds_dobi.json", dobi_quant, {"method": "dobi", **info})
-      entry["calibration"] = info
-    from twodquant_jax.quant import dqc
-    quant, entry["dqc"] = dqc.train(params, dobi_quant, config=config, workdir=workdir,
-                                    progress=_progress(config))
-  else:
-    quant, info = calibrate(params, config.scale, config.bits, calibration_batch(config),
-                            calib_settings(config, method), progress=_progress(config))
-    entry["calibration"] = info
-  fname = "bounds.json" if method in ("dobi", "2dquant") and config.method != "all" \
-      else f"bounds_{method}.json"
+  given = None
+  if config.model.bounds:
+    given, source = qbounds.load_bounds(config.model.bounds, like), config.model.bounds
+  elif ckpt_bounds:
+    given, source = qbounds.dict_to_tree(ckpt_bounds, like), "checkpoint"
+  bounds: dict[str, dict] = {}
+  if given is not None:
+    # Given bounds are evaluated as they are (2DQuant: the calibrated model, no further DQC).
+    for m in wanted:
+      bounds[m] = given
+      results["methods"].setdefault(m, {})["bounds_from"] = str(source)
+    return bounds
+  if "2dquant" in wanted:
+    wanted.add("dobi")
+  init = sorted(wanted - {"2dquant"})
+  if not init:
+    return bounds
+  calibrated = calibrate_many(params, config.scale, calibration_batch(config),
+                              {m: (config.bits, calib_settings(config, m)) for m in init},
+                              progress=_progress(config))
+  for m, (quant, info) in calibrated.items():
+    bounds[m] = quant
+    if m in methods:
+      results["methods"].setdefault(m, {})["calibration"] = info
+    else:  # DOBI only as the start of 2DQuant
+      results["methods"].setdefault("2dquant", {})["calibration"] = info
+  return bounds
+
+
+def _save_bounds(config, workdir: Path, method: str, quant: dict) -> str:
+  """bounds.json for a single-method run (dobi or 2dquant), else bounds_<method>.json."""
+  single = len(methods_of(config)) == 1 and method in ("dobi", "2dquant")
+  fname = "bounds.json" if single else f"bounds_{method}.json"
   qbounds.save_bounds(workdir / fname, quant, {"method": method, "bits": config.bits,
                                                "scale": config.scale})
-  entry["bounds_file"] = fname
-  return quant, entry
+  return fname

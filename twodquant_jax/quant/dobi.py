@@ -98,7 +98,7 @@ def _shared_input_of(name: str) -> str | None:
   return None
 
 
-def iter_captured(params: Mapping, scale: int, bits: int, lr: np.ndarray
+def iter_captured(params: Mapping, scale: int, lr: np.ndarray
                   ) -> Iterator[tuple[int, dict[str, jnp.ndarray], float]]:
   """Runs the FP network one RSTB at a time and yields (rstb index, {quantizer name: the FP
   tensor it sees (weights: the weight slice)}, forward seconds). Only one RSTB's tensors are
@@ -111,7 +111,7 @@ def iter_captured(params: Mapping, scale: int, bits: int, lr: np.ndarray
       params, x)
   hw = tuple(shallow.shape[1:3])
   rstb = RSTB(fp.embed_dim, fp.depths[0], fp.num_heads[0], fp.window_size, fp.mlp_ratio,
-              mode="capture", bits=bits)
+              mode="capture")
 
   @jax.jit
   def run_layer(layer_params, tokens):
@@ -127,35 +127,53 @@ def iter_captured(params: Mapping, scale: int, bits: int, lr: np.ndarray
     del captured
 
 
+def calibrate_many(params: Mapping, scale: int, lr: np.ndarray,
+                   settings: Mapping[str, tuple[int, CalibSettings]], *, progress: bool = False
+                   ) -> dict[str, tuple[dict, dict]]:
+  """Several bound initialisations {key: (bits, settings)} from ONE capture pass of the FP model.
+
+  The FP tensors do not depend on the bit width or the method, so e.g. MinMax, Percentile and
+  DOBI at 2, 3 and 4 bits share the forward passes. Returns {key: ('quant' collection, info)}.
+  Quantizers whose inputs are the same tensor (q/k/v input quantizers) are searched once and
+  share the result (the search is deterministic, so this changes nothing but the time).
+  """
+  t0 = time.perf_counter()
+  bounds: dict[str, dict[str, list[float]]] = {k: {} for k in settings}
+  search_s = {k: 0.0 for k in settings}
+  forward_s = 0.0
+  total = 16 * sum(SwinIR.depths)
+  bar = tqdm(total=total * len(settings), desc="bounds", disable=not progress, leave=False)
+  for _, inputs, seconds in iter_captured(params, scale, lr):
+    forward_s += seconds
+    for key, (bits, cfg) in settings.items():
+      ts = time.perf_counter()
+      out = bounds[key]
+      for name in sorted(inputs, key=lambda n: _shared_input_of(n) is not None):
+        shared = _shared_input_of(name)
+        if shared is not None and shared in out:
+          out[name] = out[shared]
+        else:
+          b = np.asarray(bounds_for(inputs[name], name, bits, cfg))
+          out[name] = [float(b[0]), float(b[1])]
+        bar.update(1)
+      search_s[key] += time.perf_counter() - ts
+    del inputs
+  bar.close()
+  results = {}
+  for key, (bits, cfg) in settings.items():
+    if len(bounds[key]) != total:
+      raise RuntimeError(f"captured {len(bounds[key])} quantizers, expected {total}")
+    info = {"method": cfg.method, "bits": bits, "seconds_total": time.perf_counter() - t0,
+            "seconds_forward": forward_s, "seconds_search": search_s[key],
+            "num_patches": int(lr.shape[0]), "settings": dataclasses.asdict(cfg)}
+    results[key] = (dict_to_tree(bounds[key]), info)
+  return results
+
+
 def calibrate(params: Mapping, scale: int, bits: int, lr: np.ndarray, cfg: CalibSettings,
               *, progress: bool = False) -> tuple[dict, dict]:
   """Bounds of all 384 quantizers from the uint8 LR calibration batch (N, h, w, 3).
 
-  Returns (the 'quant' collection, info with timings). Quantizers whose inputs are the same
-  tensor (q/k/v input quantizers) are searched once and share the result (the search is
-  deterministic, so this changes nothing but the time).
+  Returns (the 'quant' collection, info with timings).
   """
-  t0 = time.perf_counter()
-  bounds: dict[str, list[float]] = {}
-  search_s = forward_s = 0.0
-  total = 16 * sum(SwinIR.depths)
-  bar = tqdm(total=total, desc=f"{cfg.method} bounds", disable=not progress, leave=False)
-  for _, inputs, seconds in iter_captured(params, scale, bits, lr):
-    forward_s += seconds
-    ts = time.perf_counter()
-    for name in sorted(inputs, key=lambda n: _shared_input_of(n) is not None):
-      shared = _shared_input_of(name)
-      if shared is not None and shared in bounds:
-        bounds[name] = bounds[shared]
-      else:
-        b = np.asarray(bounds_for(inputs[name], name, bits, cfg))
-        bounds[name] = [float(b[0]), float(b[1])]
-      bar.update(1)
-    del inputs
-    search_s += time.perf_counter() - ts
-  bar.close()
-  if len(bounds) != total:
-    raise RuntimeError(f"captured {len(bounds)} quantizers, expected {total}")
-  info = {"method": cfg.method, "seconds_total": time.perf_counter() - t0,
-          "seconds_forward": forward_s, "seconds_search": search_s, "num_patches": int(lr.shape[0])}
-  return dict_to_tree(bounds), info
+  return calibrate_many(params, scale, lr, {"_": (bits, cfg)}, progress=progress)["_"]
