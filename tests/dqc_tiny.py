@@ -1,0 +1,99 @@
+"""A tiny DQC setup for the training-loop tests, usable in-process and as a subprocess script.
+
+The loop's properties (resume, data parallelism, non-finite stop) do not depend on the network's
+size, and SwinIR-light's train step takes about a minute to compile on a 2-core CPU, so these
+tests train a 2-RSTB, 12-channel SwinIR (same code, smaller attributes) from seeded random
+weights, with min/max initial bounds.
+
+Subprocess use: python tests/dqc_tiny.py WORKDIR STEPS BATCH [SLEEP_PER_STEP [CHECKPOINT_EVERY]]
+(writes WORKDIR/result.npz with the final bounds, by quantizer name).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from twodquant_jax.paths import REPO_ROOT, shared_dir
+from twodquant_jax.quant import bounds as qbounds
+from twodquant_jax.quant import dqc
+
+if str(REPO_ROOT) not in sys.path:  # `configs` is a top-level folder, not an installed package
+  sys.path.insert(0, str(REPO_ROOT))
+from configs.base import get_config  # pylint: disable=g-import-not-at-top
+
+ARCH = {"embed_dim": 12, "depths": (1, 1), "num_heads": (2, 2)}
+SCALE, BITS, LR_SIZE = 4, 4, 16
+
+
+def tiny_config(steps: int, batch_size: int, keep: int = 10) -> ml_collections.ConfigDict:
+  c = get_config(scale=SCALE, bits=BITS)
+  c.seed = 3
+  c.calib.root = str(shared_dir() / "data" / "calib")
+  c.calib.lr_size = LR_SIZE
+  c.dqc.steps = steps
+  c.dqc.batch_size = batch_size
+  c.dqc.checkpoint_every = 5
+  c.dqc.keep_checkpoints = keep
+  c.dqc.log_every = 1
+  c.dqc.data_workers = 1
+  return c
+
+
+def _random_params(shapes, rng: np.random.Generator) -> dict:
+  """Seeded weights without compiling `init`: LayerNorm scales near 1, fan-in scaled kernels."""
+  def leaf(path, s):
+    name = path[-1].key
+    n = rng.standard_normal(s.shape).astype(np.float32)
+    if name == "scale":
+      return 1.0 + 0.1 * n
+    if name == "bias":
+      return 0.05 * n
+    if name == "kernel":
+      return n / np.sqrt(np.prod(s.shape[:-1]))
+    return 0.02 * n
+
+  return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+def tiny_setup(seed: int = 0) -> tuple[dict, dict]:
+  """(params, min/max bounds) of the tiny network, from `seed` only."""
+  settings = dqc.DQCSettings(scale=SCALE, bits=BITS, arch=tuple(sorted(ARCH.items())))
+  rng = np.random.default_rng(seed)
+  x = rng.uniform(size=(2, LR_SIZE, LR_SIZE, 3)).astype(np.float32)
+  shapes = jax.eval_shape(settings.model("fp").init, jax.random.key(0), x)["params"]
+  params = _random_params(shapes, rng)
+  capture = jax.jit(lambda p, x: settings.model("capture").apply({"params": p}, x,
+                                                                 mutable=["calib"])[1])
+  seen = capture(params, x)
+  inputs = qbounds.leaves_by_name(seen["calib"], "input")
+  bounds = {name: [float(jnp.min(v)), float(jnp.max(v))] for name, v in inputs.items()}
+  return params, qbounds.dict_to_tree(bounds)
+
+
+def as_dict(quant) -> dict[str, np.ndarray]:
+  return {k: np.asarray(v) for k, v in qbounds.leaves_by_name(quant, "bounds").items()}
+
+
+def main(argv: list[str]) -> None:
+  workdir, steps, batch = Path(argv[1]), int(argv[2]), int(argv[3])
+  sleep = float(argv[4]) if len(argv) > 4 else 0.0
+  config = tiny_config(steps, batch)
+  if len(argv) > 5:
+    config.dqc.checkpoint_every = int(argv[5])
+  params, quant = tiny_setup()
+  callback = (lambda step, scalars: time.sleep(sleep)) if sleep else None
+  final, info = dqc.train(params, quant, config=config, workdir=workdir, arch=ARCH,
+                          callback=callback)
+  np.savez(workdir / "result.npz", **as_dict(final))
+  print("devices", jax.device_count(), "resumed_from", info["resumed_from"])
+
+
+if __name__ == "__main__":
+  main(sys.argv)
