@@ -69,6 +69,8 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   c.dqc.val_root = ""  # held-out validation images (NOT a test benchmark); empty = none
   c.dqc.val_every = 500
   c.dqc.val_images = 10
+  c.dqc.val_crop = 256  # validation HR crop (pixels) so one compile serves every image; 0 = whole
+  c.dqc.data_workers = 0  # threads making training batches; 0 = automatic
 
   c.report = ml_collections.ConfigDict()
   c.report.figures = False  # histograms, bound percentiles, visual crops, loss curve (PNG)
