@@ -63,6 +63,7 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   c.dqc.loss = "reference"  # reference: the released code's loss, which gave the paper's numbers | paper: Eq. 4-6
   c.dqc.feature_weight = 5.0  # lambda of the paper loss (the code's weight)
   c.dqc.augment = True
+  c.dqc.remat = True  # recompute block activations in backward: batch 32 in a few GB, ~1.3x time
   c.dqc.checkpoint_every = 200  # orbax checkpoint interval (steps); resumes automatically
   c.dqc.keep_checkpoints = 2
   c.dqc.log_every = 10

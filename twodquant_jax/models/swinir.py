@@ -140,7 +140,11 @@ class SwinBlock(nn.Module):
 
 
 class BlockStack(nn.Module):
-  """The `residual_group` of an RSTB: its Swin blocks, whose output is a DQC feature."""
+  """The `residual_group` of an RSTB: its Swin blocks, whose output is a DQC feature.
+
+  With `remat`, each block's activations are recomputed in the backward pass instead of stored
+  (DQC at batch 32 otherwise needs tens of GB for the attention maps).
+  """
   dim: int
   depth: int
   num_heads: int
@@ -148,10 +152,12 @@ class BlockStack(nn.Module):
   mlp_ratio: float
   mode: str = "fp"
   bits: int = 4
+  remat: bool = False
 
   def setup(self):
+    block = nn.remat(SwinBlock, static_argnums=(2,)) if self.remat else SwinBlock
     self.blocks = [
-        SwinBlock(self.dim, self.num_heads, self.window_size,
+        block(self.dim, self.num_heads, self.window_size,
                   0 if i % 2 == 0 else self.window_size // 2, self.mlp_ratio, self.mode,
                   self.bits) for i in range(self.depth)
     ]
@@ -176,10 +182,11 @@ class RSTB(nn.Module):
   mlp_ratio: float
   mode: str = "fp"
   bits: int = 4
+  remat: bool = False
 
   def setup(self):
     self.residual_group = BlockStack(self.dim, self.depth, self.num_heads, self.window_size,
-                                     self.mlp_ratio, self.mode, self.bits)
+                                     self.mlp_ratio, self.mode, self.bits, self.remat)
     self.conv = _conv(self.dim)
 
   def __call__(self, x: jnp.ndarray, hw: tuple[int, int]) -> tuple[jnp.ndarray, jnp.ndarray]:
@@ -213,6 +220,7 @@ class SwinIR(nn.Module):
   img_range: float = 1.0
   mode: str = "fp"
   bits: int = 4
+  remat: bool = False  # recompute Swin block activations in the backward pass (DQC memory)
 
   def setup(self):
     check_mode(self.mode)
@@ -221,7 +229,8 @@ class SwinIR(nn.Module):
     self.conv_first = _conv(self.embed_dim)
     self.patch_embed_norm = nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False)
     self.layers = [
-        RSTB(self.embed_dim, d, h, self.window_size, self.mlp_ratio, self.mode, self.bits)
+        RSTB(self.embed_dim, d, h, self.window_size, self.mlp_ratio, self.mode, self.bits,
+             self.remat)
         for d, h in zip(self.depths, self.num_heads)
     ]
     self.norm = nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False)

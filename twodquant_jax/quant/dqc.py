@@ -177,6 +177,7 @@ class DQCSettings:
   schedule: str = "cosine"
   loss: str = "reference"
   feature_weight: float = 5.0
+  remat: bool = True
   arch: tuple[tuple[str, Any], ...] = ()  # SwinIR keyword overrides (tests: a tiny network)
 
   def __post_init__(self):
@@ -196,11 +197,13 @@ class DQCSettings:
     return cls(scale=int(config.scale), bits=int(config.bits), steps=int(d.steps),
                lr=float(d.lr), b1=float(d.b1), b2=float(d.b2), eps=float(d.eps),
                schedule=str(d.schedule), loss=str(d.loss),
-               feature_weight=float(d.feature_weight), arch=arch_items)
+               feature_weight=float(d.feature_weight), remat=bool(d.get("remat", True)),
+               arch=arch_items)
 
   def model(self, mode: str = "fp") -> SwinIR:
-    """The teacher ('fp') or the student ('quant') network."""
-    return SwinIR(upscale=self.scale, mode=mode, bits=self.bits, **dict(self.arch))
+    """The teacher ('fp') or the student ('quant', rematerialised blocks if `remat`)."""
+    return SwinIR(upscale=self.scale, mode=mode, bits=self.bits,
+                  remat=self.remat and mode == "quant", **dict(self.arch))
 
 
 def make_schedule(settings: DQCSettings) -> optax.Schedule:
