@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 from absl import logging
 
+from twodquant_jax.quant.bounds import path_from_name
 from twodquant_jax.torch_pickle import CheckpointError, load_pth
 
 RELEASE = "https://github.com/JingyunLiang/SwinIR/releases/download/v0.0/"
@@ -116,15 +117,7 @@ def _flax_path(key: str) -> tuple[tuple[str, ...], str] | None:
     mods = ["upsample"]
   if mods == ["patch_embed", "norm"]:
     mods = ["patch_embed_norm"]
-  out = []
-  i = 0
-  while i < len(mods):
-    if mods[i] in ("layers", "blocks") and i + 1 < len(mods) and mods[i + 1].isdigit():
-      out.append(f"{mods[i]}_{mods[i + 1]}")
-      i += 2
-    else:
-      out.append(mods[i])
-      i += 1
+  out = list(path_from_name(".".join(mods))) if mods else []
   if name == "relative_position_bias_table":
     return tuple(out) + (name,), "table"
   leaf = out[-1] if out else ""

@@ -139,12 +139,8 @@ class SwinBlock(nn.Module):
     return x + Mlp(int(self.dim * self.mlp_ratio), self.mode, self.bits, name="mlp")(y)
 
 
-class BlockStack(nn.Module):
-  """The `residual_group` of an RSTB: its Swin blocks, whose output is a DQC feature.
-
-  With `remat`, each block's activations are recomputed in the backward pass instead of stored
-  (DQC at batch 32 otherwise needs tens of GB for the attention maps).
-  """
+class _Stage(nn.Module):
+  """Settings shared by an RSTB and its block stack."""
   dim: int
   depth: int
   num_heads: int
@@ -153,6 +149,14 @@ class BlockStack(nn.Module):
   mode: str = "fp"
   bits: int = 4
   remat: bool = False
+
+
+class BlockStack(_Stage):
+  """The `residual_group` of an RSTB: its Swin blocks, whose output is a DQC feature.
+
+  With `remat`, each block's activations are recomputed in the backward pass instead of stored
+  (DQC at batch 32 otherwise needs tens of GB for the attention maps).
+  """
 
   def setup(self):
     block = nn.remat(SwinBlock, static_argnums=(2,)) if self.remat else SwinBlock
@@ -173,16 +177,8 @@ def _conv(features: int) -> nn.Conv:
   return nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)))
 
 
-class RSTB(nn.Module):
+class RSTB(_Stage):
   """Residual Swin transformer block: blocks -> 3x3 conv -> + input. Returns (out, feature)."""
-  dim: int
-  depth: int
-  num_heads: int
-  window_size: int
-  mlp_ratio: float
-  mode: str = "fp"
-  bits: int = 4
-  remat: bool = False
 
   def setup(self):
     self.residual_group = BlockStack(self.dim, self.depth, self.num_heads, self.window_size,
