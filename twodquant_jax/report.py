@@ -20,7 +20,8 @@ def results_markdown(results: Mapping) -> str:
   head = "| Method | Bits (W/A) | " + " | ".join(datasets) + " |"
   sep = "|---|---|" + "---|" * len(datasets)
   rows = [f"# SwinIR-light x{scale}: PSNR (dB) / SSIM on Y", "", head, sep]
-  for method, entry in methods.items():
+  order = {m: i for i, m in enumerate(LABELS)}
+  for method, entry in sorted(methods.items(), key=lambda kv: order.get(kv[0], len(order))):
     b = "32/32" if method in ("fp", "bicubic") else f"{bits}/{bits}"
     cells = []
     for name in datasets:
