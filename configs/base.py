@@ -45,7 +45,7 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   # paper: exact errors, one-sided for attention map and fc2 input | reference: as the released
   # code runs (symmetric everywhere; near-equal candidates decided by its float32 error norm)
   c.dobi.strategy = "paper"
-  c.dobi.tie = "last"  # last: <= (paper pseudo-code) | first: strict < (code)
+  c.dobi.tie = "auto"  # last: <= (paper pseudo-code) | first: strict < (code) | auto: per strategy
   c.dobi.search = "auto"  # sorted: exact, on the host (fast on CPU) | brute: vmapped XLA scan | auto: brute on GPU/TPU
 
   c.percentile = ml_collections.ConfigDict()

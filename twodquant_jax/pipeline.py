@@ -82,9 +82,14 @@ def calibration_batch(config: ml_collections.ConfigDict) -> np.ndarray:
 
 
 def calib_settings(config: ml_collections.ConfigDict, method: str) -> CalibSettings:
+  """Calibration settings of a method; dobi.tie 'auto' follows the strategy (paper: last
+  minimum, reference: first minimum, as each source does)."""
+  tie = config.dobi.tie
+  if tie == "auto":
+    tie = "first" if config.dobi.strategy == "reference" else "last"
   return CalibSettings(method="dobi" if method == "2dquant" else method,
                        num_candidates=config.dobi.num_candidates, strategy=config.dobi.strategy,
-                       tie=config.dobi.tie, search=config.dobi.search, percentile_low=config.percentile.low,
+                       tie=tie, search=config.dobi.search, percentile_low=config.percentile.low,
                        percentile_high=config.percentile.high)
 
 
