@@ -58,12 +58,14 @@ def main() -> None:
   ap.add_argument("--steps", type=int, default=20)
   ap.add_argument("--loss", default="reference", choices=dqc.LOSSES)
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--remat", action="store_true",
+                  help="wrap each Swin block in jax.checkpoint (config dqc.remat)")
   ap.add_argument("--data_batches", type=int, default=2,
                   help="batches cut from ../shared/data/calib to time the host side (0: skip)")
   args = ap.parse_args()
 
   settings = dqc.DQCSettings(scale=args.scale, bits=args.bits, steps=max(args.steps, 1) + 1,
-                             loss=args.loss)
+                             loss=args.loss, remat=args.remat)
   mesh = dqc.data_mesh()
   dqc.check_batch_size(args.batch, mesh)
   repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(dqc.DATA_AXIS))

@@ -154,8 +154,8 @@ class _Stage(nn.Module):
 class BlockStack(_Stage):
   """The `residual_group` of an RSTB: its Swin blocks, whose output is a DQC feature.
 
-  With `remat`, each block's activations are recomputed in the backward pass instead of stored
-  (DQC at batch 32 otherwise needs tens of GB for the attention maps).
+  With `remat`, each block is wrapped in `jax.checkpoint` so its activations may be recomputed
+  in the backward pass instead of stored (whether that saves memory is up to XLA's scheduler).
   """
 
   def setup(self):

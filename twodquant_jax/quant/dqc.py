@@ -177,7 +177,7 @@ class DQCSettings:
   schedule: str = "cosine"
   loss: str = "reference"
   feature_weight: float = 5.0
-  remat: bool = True
+  remat: bool = False
   arch: tuple[tuple[str, Any], ...] = ()  # SwinIR keyword overrides (tests: a tiny network)
 
   def __post_init__(self):
@@ -197,7 +197,7 @@ class DQCSettings:
     return cls(scale=int(config.scale), bits=int(config.bits), steps=int(d.steps),
                lr=float(d.lr), b1=float(d.b1), b2=float(d.b2), eps=float(d.eps),
                schedule=str(d.schedule), loss=str(d.loss),
-               feature_weight=float(d.feature_weight), remat=bool(d.get("remat", True)),
+               feature_weight=float(d.feature_weight), remat=bool(d.get("remat", False)),
                arch=arch_items)
 
   def model(self, mode: str = "fp") -> SwinIR:
