@@ -58,6 +58,8 @@ def main() -> None:
   ap.add_argument("--steps", type=int, default=20)
   ap.add_argument("--loss", default="reference", choices=dqc.LOSSES)
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--microbatch", type=int, default=0,
+                  help="accumulate gradients over microbatches of this size (config dqc.microbatch)")
   ap.add_argument("--remat", action="store_true",
                   help="wrap each Swin block in jax.checkpoint (config dqc.remat)")
   ap.add_argument("--data_batches", type=int, default=2,
@@ -65,7 +67,8 @@ def main() -> None:
   args = ap.parse_args()
 
   settings = dqc.DQCSettings(scale=args.scale, bits=args.bits, steps=max(args.steps, 1) + 1,
-                             loss=args.loss, remat=args.remat)
+                             loss=args.loss, remat=args.remat,
+                             microbatch=args.microbatch)
   mesh = dqc.data_mesh()
   dqc.check_batch_size(args.batch, mesh)
   repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(dqc.DATA_AXIS))

@@ -66,6 +66,9 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   # recompute Swin block activations in the backward pass (jax.checkpoint). On the CPU backend
   # XLA's temp memory did not shrink with it (5.95 GB at batch 4 either way); off by default.
   c.dqc.remat = False
+  # >0: accumulate gradients over microbatches of this size (exact for both losses). Batch 32
+  # needs ~48 GB of XLA temp memory at once on CPU; microbatch 4 needs what batch 4 needs (~6 GB).
+  c.dqc.microbatch = 0
   c.dqc.checkpoint_every = 200  # orbax checkpoint interval (steps); resumes automatically
   c.dqc.keep_checkpoints = 2
   c.dqc.log_every = 10

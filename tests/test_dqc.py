@@ -325,3 +325,31 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
   with pytest.raises(dqc.NonFiniteError) as again:
     dqc.train(*tiny, config=config, workdir=tmp_path, arch=dqc_tiny.ARCH)
   assert again.value.step == step
+
+
+# ---- Microbatched gradient accumulation equals the whole-batch loss and gradient. ----
+
+
+@pytest.mark.parametrize("loss", ["reference", "paper"])
+def test_microbatches_equal_whole_batch(loss):
+  """Both losses, on the tiny network: microbatches of 2 reproduce the batch of 6 (the
+  reference loss couples samples through its (B, B) broadcast of detached norms)."""
+  params, quant = dqc_tiny.tiny_setup()
+  x = jnp.asarray(np.random.default_rng(3).random((6, 16, 16, 3)), jnp.float32)
+  arch = tuple(sorted(dqc_tiny.ARCH.items()))
+  whole = dqc.DQCSettings(scale=dqc_tiny.SCALE, bits=dqc_tiny.BITS, loss=loss, arch=arch)
+  micro = dqc.DQCSettings(scale=dqc_tiny.SCALE, bits=dqc_tiny.BITS, loss=loss, arch=arch,
+                          microbatch=2)
+  (l_w, aux_w), g_w = jax.jit(jax.value_and_grad(
+      lambda q: dqc.distillation_loss(params, q, x, whole), has_aux=True))(quant)
+  (l_m, aux_m), g_m = jax.jit(
+      lambda q: dqc.microbatched_value_and_grad(params, q, x, micro))(quant)
+  np.testing.assert_allclose(l_m, l_w, rtol=1e-5)
+  np.testing.assert_allclose(aux_m["l_pix"], aux_w["l_pix"], rtol=1e-5)
+  np.testing.assert_allclose(aux_m["l_feature_terms"], aux_w["l_feature_terms"], rtol=1e-4)
+  gw = np.concatenate([np.ravel(v) for v in jax.tree_util.tree_leaves(g_w)])
+  gm = np.concatenate([np.ravel(v) for v in jax.tree_util.tree_leaves(g_m)])
+  assert np.abs(gw).max() > 0
+  np.testing.assert_allclose(gm, gw, rtol=1e-4, atol=1e-5 * np.abs(gw).max())
+  with pytest.raises(ValueError, match="multiple of"):
+    dqc.microbatched_value_and_grad(params, quant, x[:5], micro)

@@ -178,6 +178,7 @@ class DQCSettings:
   loss: str = "reference"
   feature_weight: float = 5.0
   remat: bool = False
+  microbatch: int = 0  # >0: gradients accumulated over microbatches of this size (memory)
   arch: tuple[tuple[str, Any], ...] = ()  # SwinIR keyword overrides (tests: a tiny network)
 
   def __post_init__(self):
@@ -187,6 +188,8 @@ class DQCSettings:
       raise ValueError(f"config.dqc.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
     if self.steps < 1:
       raise ValueError(f"config.dqc.steps must be >= 1, got {self.steps}")
+    if self.microbatch < 0:
+      raise ValueError(f"config.dqc.microbatch must be >= 0, got {self.microbatch}")
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict,
@@ -198,7 +201,7 @@ class DQCSettings:
                lr=float(d.lr), b1=float(d.b1), b2=float(d.b2), eps=float(d.eps),
                schedule=str(d.schedule), loss=str(d.loss),
                feature_weight=float(d.feature_weight), remat=bool(d.get("remat", False)),
-               arch=arch_items)
+               microbatch=int(d.get("microbatch", 0)), arch=arch_items)
 
   def model(self, mode: str = "fp") -> SwinIR:
     """The teacher ('fp') or the student ('quant', rematerialised blocks if `remat`)."""
@@ -231,6 +234,91 @@ def distillation_loss(params: Mapping, quant: Mapping, x: Array, settings: DQCSe
   return LOSS_FUNCTIONS[settings.loss](out_q, out, feats_q, feats, settings.feature_weight)
 
 
+def _pair_stats(f_q: Array, f: Array) -> Array:
+  """Per-sample (n_q, n, ||d||^2, <d, F>, ||F||^2) of a feature pair, d = F_q - F: (B, 5)."""
+  b = f.shape[0]
+  fq2, f2 = f_q.reshape(b, -1), f.reshape(b, -1)
+  d = fq2 - f2
+  return jnp.stack([_per_sample_norm(fq2), _per_sample_norm(f2), jnp.sum(d * d, axis=1),
+                    jnp.sum(d * f2, axis=1), jnp.sum(f2 * f2, axis=1)], axis=1)
+
+
+def microbatched_value_and_grad(params: Mapping, quant: Mapping, x: Array,
+                                settings: DQCSettings) -> tuple[tuple[Array, Aux], Mapping]:
+  """The DQC loss of the whole batch and its gradient, computed microbatch by microbatch.
+
+  Memory is that of one microbatch. The paper loss is a batch mean of per-image terms, so its
+  pieces add up. The reference loss couples the samples only through the detached per-sample
+  norms (its (B, B) broadcast): a first, gradient-free pass collects those, then each
+  microbatch's share of `reference_feature_term`'s expansion is differentiated with the
+  batch-wide coefficients as constants. Values equal the whole-batch loss up to float order.
+  """
+  b, mb = x.shape[0], settings.microbatch
+  if b % mb:
+    raise ValueError(f"config.dqc.batch_size ({b} per device) must be a multiple of "
+                     f"config.dqc.microbatch ({mb})")
+  xs = x.reshape((b // mb, mb) + x.shape[1:])
+  teacher, student = settings.model("fp"), settings.model("quant")
+  nf = len(teacher.depths)  # one feature per RSTB
+
+  def forward(q, xm):
+    out, feats = jax.lax.stop_gradient(
+        teacher.apply({"params": params}, xm, return_features=True))
+    out_q, feats_q = student.apply({"params": params, "quant": q}, xm, return_features=True)
+    return out_q, out, feats_q, feats
+
+  def add(acc, new):
+    return jax.tree_util.tree_map(jnp.add, acc, new)
+
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, quant)
+  if settings.loss == "paper":
+    def body(carry, xm):
+      def loss_fn(q):
+        out_q, out, feats_q, feats = forward(q, xm)
+        loss, aux = paper_loss(out_q, out, feats_q, feats, settings.feature_weight)
+        w = mb / b
+        return loss * w, jax.tree_util.tree_map(lambda v: v * w, aux)
+      (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(quant)
+      return add(carry, ((loss, aux), g)), None
+    aux0 = {"l_pix": 0.0, "l_feature_terms": jnp.zeros(nf), "l_feature": 0.0}
+    init = ((jnp.zeros(()), jax.tree_util.tree_map(jnp.asarray, aux0)), zeros)
+    (value, grads), _ = jax.lax.scan(body, init, xs)
+    return value, grads
+
+  def stats(xm):
+    out_q, out, feats_q, feats = forward(quant, xm)
+    return jnp.stack([_pair_stats(fq, f) for fq, f in zip(feats_q, feats)])  # (nf, mb, 5)
+
+  st = jax.lax.stop_gradient(jax.lax.map(stats, xs))  # (M, nf, mb, 5)
+  st = jnp.moveaxis(st, 1, 0).reshape(nf, b, 5)
+  n_q, n, dd, df = st[..., 0], st[..., 1], st[..., 2], st[..., 3]
+  a = 1.0 / n_q
+  c = -(2.0 * df + dd) / (n + n_q) / (n * n_q)
+  coef = jnp.stack([jnp.sum(a * a, 1), 2.0 * jnp.sum(a * c, 1), jnp.sum(c * c, 1)], 1)  # (nf, 3)
+
+  def body(carry, xm):
+    def loss_fn(q):
+      out_q, out, feats_q, feats = forward(q, xm)
+      numel_out = float(b * np.prod(out.shape[1:]))
+      l_pix = jnp.sum(jnp.abs(out_q - out)) / numel_out / numel_out * b
+      terms = []
+      for k, (fq, f) in enumerate(zip(feats_q, feats)):
+        p = _pair_stats(fq, f)
+        numel = float(b * b * np.prod(f.shape[1:]))
+        part = (coef[k, 0] * jnp.sum(p[:, 2]) + coef[k, 1] * jnp.sum(p[:, 3])
+                + coef[k, 2] * jnp.sum(p[:, 4]))
+        terms.append(settings.feature_weight * part / numel / numel)
+      terms = jnp.stack(terms)
+      return l_pix + jnp.sum(terms), {"l_pix": l_pix, "l_feature_terms": terms,
+                                      "l_feature": jnp.sum(terms)}
+    (loss, aux), g = jax.value_and_grad(loss_fn, has_aux=True)(quant)
+    return add(carry, ((loss, aux), g)), None
+
+  aux0 = {"l_pix": jnp.zeros(()), "l_feature_terms": jnp.zeros(nf), "l_feature": jnp.zeros(())}
+  (value, grads), _ = jax.lax.scan(body, ((jnp.zeros(()), aux0), zeros), xs)
+  return value, grads
+
+
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh over all (or the given) devices along the batch ('data') axis."""
   return Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
@@ -261,8 +349,11 @@ def make_train_step(settings: DQCSettings, mesh: Mesh) -> Callable:
 
   def step(params, quant, opt_state, lr_u8):
     x = lr_u8.astype(jnp.float32) / 255.0
-    (loss, aux), grads = jax.value_and_grad(
-        lambda q: distillation_loss(params, q, x, settings), has_aux=True)(quant)
+    if settings.microbatch and settings.microbatch < x.shape[0]:
+      (loss, aux), grads = microbatched_value_and_grad(params, quant, x, settings)
+    else:
+      (loss, aux), grads = jax.value_and_grad(
+          lambda q: distillation_loss(params, q, x, settings), has_aux=True)(quant)
     updates, new_opt = tx.update(grads, opt_state, quant)
     new_quant = optax.apply_updates(quant, updates)
     loss_ok = jnp.isfinite(loss)
