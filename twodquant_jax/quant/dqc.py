@@ -257,7 +257,9 @@ def microbatched_value_and_grad(params: Mapping, quant: Mapping, x: Array,
   if b % mb:
     raise ValueError(f"config.dqc.batch_size ({b} per device) must be a multiple of "
                      f"config.dqc.microbatch ({mb})")
-  xs = x.reshape((b // mb, mb) + x.shape[1:])
+  # Microbatch m holds samples m, M+m, 2M+m, ... (M microbatches): with the batch sharded in
+  # contiguous blocks over devices, every microbatch still spans all devices (data parallel).
+  xs = jnp.swapaxes(x.reshape((mb, b // mb) + x.shape[1:]), 0, 1)
   teacher, student = settings.model("fp"), settings.model("quant")
   nf = len(teacher.depths)  # one feature per RSTB
 
