@@ -66,9 +66,10 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   # recompute Swin block activations in the backward pass (jax.checkpoint). On the CPU backend
   # XLA's temp memory did not shrink with it (5.95 GB at batch 4 either way); off by default.
   c.dqc.remat = False
-  # >0: accumulate gradients over microbatches of this size (exact for both losses). Batch 32
-  # needs ~48 GB of XLA temp memory at once on CPU; microbatch 4 needs what batch 4 needs (~6 GB).
-  c.dqc.microbatch = 0
+  # >0: accumulate gradients over microbatches of at most this size (exact for both losses; the
+  # largest divisor of the batch is used). Batch 32 in one piece needs ~48 GB of XLA temp memory
+  # on CPU; microbatches of 8 need ~14 GB, of 4 ~6 GB. 0 = the whole batch at once.
+  c.dqc.microbatch = 8
   c.dqc.checkpoint_every = 200  # orbax checkpoint interval (steps); resumes automatically
   c.dqc.keep_checkpoints = 2
   c.dqc.log_every = 10

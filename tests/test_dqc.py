@@ -351,5 +351,4 @@ def test_microbatches_equal_whole_batch(loss):
   gm = np.concatenate([np.ravel(v) for v in jax.tree_util.tree_leaves(g_m)])
   assert np.abs(gw).max() > 0
   np.testing.assert_allclose(gm, gw, rtol=1e-4, atol=1e-5 * np.abs(gw).max())
-  with pytest.raises(ValueError, match="multiple of"):
-    dqc.microbatched_value_and_grad(params, quant, x[:5], micro)
+  assert [dqc.microbatch_size(b, m) for b, m in [(32, 8), (12, 8), (5, 2), (4, 8)]] == [8, 6, 1, 4]

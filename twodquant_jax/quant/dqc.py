@@ -178,7 +178,7 @@ class DQCSettings:
   loss: str = "reference"
   feature_weight: float = 5.0
   remat: bool = False
-  microbatch: int = 0  # >0: gradients accumulated over microbatches of this size (memory)
+  microbatch: int = 0  # >0: gradients accumulated over microbatches of at most this size
   arch: tuple[tuple[str, Any], ...] = ()  # SwinIR keyword overrides (tests: a tiny network)
 
   def __post_init__(self):
@@ -201,7 +201,7 @@ class DQCSettings:
                lr=float(d.lr), b1=float(d.b1), b2=float(d.b2), eps=float(d.eps),
                schedule=str(d.schedule), loss=str(d.loss),
                feature_weight=float(d.feature_weight), remat=bool(d.get("remat", False)),
-               microbatch=int(d.get("microbatch", 0)), arch=arch_items)
+               microbatch=int(d.get("microbatch", 8)), arch=arch_items)
 
   def model(self, mode: str = "fp") -> SwinIR:
     """The teacher ('fp') or the student ('quant', rematerialised blocks if `remat`)."""
@@ -243,6 +243,11 @@ def _pair_stats(f_q: Array, f: Array) -> Array:
                     jnp.sum(d * f2, axis=1), jnp.sum(f2 * f2, axis=1)], axis=1)
 
 
+def microbatch_size(batch: int, limit: int) -> int:
+  """The largest divisor of `batch` that is at most `limit` (microbatches must tile the batch)."""
+  return max(d for d in range(1, max(1, min(batch, limit)) + 1) if batch % d == 0)
+
+
 def microbatched_value_and_grad(params: Mapping, quant: Mapping, x: Array,
                                 settings: DQCSettings) -> tuple[tuple[Array, Aux], Mapping]:
   """The DQC loss of the whole batch and its gradient, computed microbatch by microbatch.
@@ -253,10 +258,8 @@ def microbatched_value_and_grad(params: Mapping, quant: Mapping, x: Array,
   microbatch's share of `reference_feature_term`'s expansion is differentiated with the
   batch-wide coefficients as constants. Values equal the whole-batch loss up to float order.
   """
-  b, mb = x.shape[0], settings.microbatch
-  if b % mb:
-    raise ValueError(f"config.dqc.batch_size ({b} per device) must be a multiple of "
-                     f"config.dqc.microbatch ({mb})")
+  b = x.shape[0]
+  mb = microbatch_size(b, settings.microbatch)
   # Microbatch m holds samples m, M+m, 2M+m, ... (M microbatches): with the batch sharded in
   # contiguous blocks over devices, every microbatch still spans all devices (data parallel).
   xs = jnp.swapaxes(x.reshape((mb, b // mb) + x.shape[1:]), 0, 1)
