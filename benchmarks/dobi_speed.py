@@ -14,12 +14,11 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 from twodquant_jax import convert
-from twodquant_jax.models.swinir import SwinIR
+from twodquant_jax.models.swinir import variable_shapes
 from twodquant_jax.paths import shared_dir
 from twodquant_jax.quant.bounds import tree_to_dict
 from twodquant_jax.quant.dobi import CalibSettings, calibrate
@@ -39,10 +38,8 @@ def parity(ours: dict, ref: dict) -> tuple[float, int]:
 
 def main(_):
   ref_dir = shared_dir() / "reference"
-  model = SwinIR(upscale=4)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3))))
   params, _ = convert.load_checkpoint(ref_dir / "swinir_light_x4_random.pth", 4,
-                                      shapes["params"])
+                                      variable_shapes(4)["params"])
   lr = np.load(ref_dir / "calib_x4.npz")["lr"]
   cfg = CalibSettings(strategy="reference", tie="first")
   print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()})", flush=True)

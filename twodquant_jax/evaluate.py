@@ -22,8 +22,6 @@ from twodquant_jax.data.benchmarks import BenchmarkImage
 from twodquant_jax.data.images import to_uint8
 from twodquant_jax.models.swinir import SwinIR
 
-ApplyFn = Callable[[jnp.ndarray], jnp.ndarray]  # (B, H, W, 3) float -> (B, sH, sW, 3) float
-
 
 def flip_pad(img: np.ndarray, multiple: int = 8) -> np.ndarray:
   """BasicSR test-time padding: append the flipped image below, then right, crop to a multiple.

@@ -288,9 +288,8 @@ def _image_psnr(results: Mapping, method: str, dataset: str, image: str) -> floa
 
 
 def _quant_like(config: ml_collections.ConfigDict):
-  from twodquant_jax.models.swinir import SwinIR
-  return jax.eval_shape(lambda: SwinIR(upscale=config.scale, mode="quant", bits=config.bits)
-                        .init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["quant"])
+  from twodquant_jax.models.swinir import variable_shapes
+  return variable_shapes(config.scale, "quant", config.bits)["quant"]
 
 
 def sr_images(config: ml_collections.ConfigDict, workdir: Path, results: Mapping,

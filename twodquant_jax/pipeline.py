@@ -12,7 +12,7 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,7 @@ from absl import logging
 from twodquant_jax import convert, evaluate, report
 from twodquant_jax.data.benchmarks import load_benchmark
 from twodquant_jax.data.images import save_png
-from twodquant_jax.models.swinir import SwinIR
+from twodquant_jax.models.swinir import SwinIR, variable_shapes
 from twodquant_jax.quant import bounds as qbounds
 from twodquant_jax.quant import ratios
 from twodquant_jax.quant.dobi import CalibSettings, calibrate_many
@@ -64,9 +64,8 @@ def load_params(config: ml_collections.ConfigDict) -> tuple[dict, dict, Path]:
   """FP params of the checkpoint (local path or the official download) and any bounds in it."""
   path = convert.resolve_checkpoint(config.model.checkpoint or None, config.scale,
                                     config.model.cache_dir or None)
-  model = SwinIR(upscale=config.scale)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3))))
-  params, bounds = convert.load_checkpoint(path, config.scale, shapes["params"])
+  shapes = variable_shapes(config.scale)["params"]
+  params, bounds = convert.load_checkpoint(path, config.scale, shapes)
   return jax.tree_util.tree_map(jnp.asarray, params), bounds, path
 
 
@@ -193,8 +192,7 @@ def _initial_bounds(config, params, ckpt_bounds, results) -> dict[str, dict]:
   wanted = {m for m in methods if m in QUANT_METHODS}
   if not wanted:
     return {}
-  like = jax.eval_shape(lambda: SwinIR(upscale=config.scale, mode="quant", bits=config.bits)
-                        .init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["quant"])
+  like = variable_shapes(config.scale, "quant", config.bits)["quant"]
   given = None
   if config.model.bounds:
     given, source = qbounds.load_bounds(config.model.bounds, like), config.model.bounds

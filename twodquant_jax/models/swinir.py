@@ -276,3 +276,12 @@ class SwinIR(nn.Module):
       feats.append(feat)
     out = self.tail(tokens, shallow, out_hw)
     return (out, feats) if return_features else out
+
+
+def variable_shapes(scale: int, mode: str = "fp", bits: int = 4) -> dict:
+  """Shapes (no values) of a SwinIR-light's variables: 'params', and 'quant' in 'quant' mode.
+
+  What the converter checks a checkpoint against and what bounds files are matched to.
+  """
+  model = SwinIR(upscale=scale, mode=mode, bits=bits)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3))))

@@ -12,7 +12,6 @@ import re
 from pathlib import Path
 from typing import Mapping, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -130,7 +129,3 @@ def load_bounds(path: str | Path, like: QuantTree | None = None) -> dict:
 
 def quant_names(quant_like: QuantTree) -> list[str]:
   return sorted(leaves_by_name(quant_like, BOUNDS))
-
-
-def bounds_finite(quant: QuantTree) -> bool:
-  return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree_util.tree_leaves(quant))
