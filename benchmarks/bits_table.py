@@ -22,11 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ imports
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from twodquant_jax import evaluate, pipeline
+from twodquant_jax import pipeline
+from twodquant_jax.eval import predict as evaluate
 from twodquant_jax.data.benchmarks import load_benchmark
-from twodquant_jax.quant import bounds as qbounds
-from twodquant_jax.quant.dobi import calibrate_many
-from twodquant_jax.report import LABELS
+from twodquant_jax.ptq import names as qnames
+from twodquant_jax.io import bounds_file
+from twodquant_jax.ptq.dobi import calibrate_many
+from twodquant_jax.ptq.methods import LABELS
 
 config_flags.DEFINE_config_file("config", None, "Base config (configs/*.py).")
 flags.DEFINE_string("workdir", "runs/bits_table", "Output folder.")
@@ -58,7 +60,7 @@ def main(_):
     cfg_b.bits = b
     for m in FLAGS.methods:
       quant, _ = calibrated[(m, b)]
-      qbounds.save_bounds(workdir / f"bounds_{m}_w{b}.json", quant, {"method": m, "bits": b})
+      bounds_file.save_bounds(workdir / f"bounds_{m}_w{b}.json", quant, {"method": m, "bits": b})
       rows[f"{LABELS[m]} W{b}"] = pipeline.evaluate_method(
           cfg_b, f"{m}_w{b}", pipeline.sr_predictor(cfg_b, params, quant).predict, datasets,
           workdir)

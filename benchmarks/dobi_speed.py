@@ -17,11 +17,11 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from twodquant_jax import convert
-from twodquant_jax.models.swinir import variable_shapes
+from twodquant_jax.io import convert
+from twodquant_jax.nn.swinir import variable_shapes
 from twodquant_jax.paths import shared_dir
-from twodquant_jax.quant.bounds import tree_to_dict
-from twodquant_jax.quant.dobi import CalibSettings, calibrate
+from twodquant_jax.ptq.names import tree_to_dict
+from twodquant_jax.ptq.dobi import CalibSettings, calibrate
 
 flags.DEFINE_bool("skip_full", False, "Skip the 32-patch run.")
 FLAGS = flags.FLAGS

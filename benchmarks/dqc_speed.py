@@ -19,13 +19,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from twodquant_jax import convert
+from twodquant_jax.io import convert
 from twodquant_jax.paths import shared_dir
-from twodquant_jax.quant import bounds as qbounds
-from twodquant_jax.quant import dqc
+from twodquant_jax.ptq import names as qnames
+from twodquant_jax.io import bounds_file
+from twodquant_jax.ptq.dqc import loss as dqc_loss
+from twodquant_jax.ptq.dqc import step as dqc_step
 
 
-def _params(settings: dqc.DQCSettings, seed: int) -> dict:
+def _params(settings: dqc_step.DQCSettings, seed: int) -> dict:
   """The reference random-weight checkpoint if present, else seeded random weights."""
   model = settings.model("fp")
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
@@ -40,12 +42,12 @@ def _params(settings: dqc.DQCSettings, seed: int) -> dict:
       lambda s: (0.05 * rng.standard_normal(s.shape)).astype(np.float32), shapes)
 
 
-def _minmax_bounds(settings: dqc.DQCSettings, params: dict, x: np.ndarray) -> dict:
+def _minmax_bounds(settings: dqc_step.DQCSettings, params: dict, x: np.ndarray) -> dict:
   """Min/max bounds of every quantizer input on `x` (realistic ranges for the timing)."""
   capture = jax.jit(lambda p, x: settings.model("capture").apply(
       {"params": p}, x, mutable=["calib"])[1]["calib"])
-  seen = qbounds.leaves_by_name(capture(params, x), "input")
-  return qbounds.dict_to_tree({k: [float(jnp.min(v)), float(jnp.max(v))]
+  seen = qnames.leaves_by_name(capture(params, x), "input")
+  return qnames.dict_to_tree({k: [float(jnp.min(v)), float(jnp.max(v))]
                                for k, v in seen.items()})
 
 
@@ -56,7 +58,7 @@ def main() -> None:
   ap.add_argument("--scale", type=int, default=4)
   ap.add_argument("--bits", type=int, default=2)
   ap.add_argument("--steps", type=int, default=20)
-  ap.add_argument("--loss", default="reference", choices=dqc.LOSSES)
+  ap.add_argument("--loss", default="reference", choices=dqc_loss.LOSSES)
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--microbatch", type=int, default=0,
                   help="accumulate gradients over microbatches of this size (config dqc.microbatch)")
@@ -66,32 +68,32 @@ def main() -> None:
                   help="batches cut from ../shared/data/calib to time the host side (0: skip)")
   args = ap.parse_args()
 
-  settings = dqc.DQCSettings(scale=args.scale, bits=args.bits, steps=max(args.steps, 1) + 1,
-                             loss=args.loss, remat=args.remat,
-                             microbatch=args.microbatch)
-  mesh = dqc.data_mesh()
-  dqc.check_batch_size(args.batch, mesh)
-  repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(dqc.DATA_AXIS))
+  settings = dqc_step.DQCSettings(scale=args.scale, bits=args.bits,
+                                  steps=max(args.steps, 1) + 1, loss=args.loss,
+                                  remat=args.remat, microbatch=args.microbatch)
+  mesh = dqc_step.data_mesh()
+  dqc_step.check_batch_size(args.batch, mesh)
+  repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(dqc_step.DATA_AXIS))
   rng = np.random.default_rng(args.seed)
   lr = rng.integers(0, 256, (args.batch, args.lr_size, args.lr_size, 3), dtype=np.uint8)
   params = _params(settings, args.seed)
   quant = _minmax_bounds(settings, params, lr[:2].astype(np.float32) / 255.0)
-  params, quant = jax.device_put((params, quant), repl)
-  opt_state = jax.device_put(dqc.make_optimizer(settings).init(quant), repl)
+  params = jax.device_put(params, repl)
+  state = jax.device_put(dqc_step.init_state(settings, quant), repl)
   batch = jax.device_put(lr, data)
 
-  step = dqc.make_train_step(settings, mesh)
+  step = dqc_step.jit_train_step(settings, mesh)
   t0 = time.perf_counter()
-  compiled = step.lower(params, quant, opt_state, batch).compile()
+  compiled = step.lower(state, batch, params).compile()
   compile_s = time.perf_counter() - t0
   t0 = time.perf_counter()
-  quant, opt_state, m = compiled(params, quant, opt_state, batch)  # warm-up
+  state, m = compiled(state, batch, params)  # warm-up
   jax.block_until_ready(m)
   warmup_s = time.perf_counter() - t0
   t0 = time.perf_counter()
   for _ in range(args.steps):
-    quant, opt_state, m = compiled(params, quant, opt_state, batch)
-  jax.block_until_ready((quant, m))
+    state, m = compiled(state, batch, params)
+  jax.block_until_ready((state, m))
   run_s = time.perf_counter() - t0
 
   result = {

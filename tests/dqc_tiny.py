@@ -21,8 +21,11 @@ import ml_collections
 import numpy as np
 
 from twodquant_jax.paths import REPO_ROOT, shared_dir
-from twodquant_jax.quant import bounds as qbounds
-from twodquant_jax.quant import dqc
+from twodquant_jax.ptq import names as qnames
+from twodquant_jax.io import bounds_file
+from twodquant_jax import settings as run_settings
+from twodquant_jax.ptq.dqc import loop as dqc_loop
+from twodquant_jax.ptq.dqc import step as dqc_step
 
 if str(REPO_ROOT) not in sys.path:  # `configs` is a top-level folder, not an installed package
   sys.path.insert(0, str(REPO_ROOT))
@@ -64,7 +67,7 @@ def _random_params(shapes, rng: np.random.Generator) -> dict:
 
 def tiny_setup(seed: int = 0) -> tuple[dict, dict]:
   """(params, min/max bounds) of the tiny network, from `seed` only."""
-  settings = dqc.DQCSettings(scale=SCALE, bits=BITS, arch=tuple(sorted(ARCH.items())))
+  settings = dqc_step.DQCSettings(scale=SCALE, bits=BITS, arch=tuple(sorted(ARCH.items())))
   rng = np.random.default_rng(seed)
   x = rng.uniform(size=(2, LR_SIZE, LR_SIZE, 3)).astype(np.float32)
   shapes = jax.eval_shape(settings.model("fp").init, jax.random.key(0), x)["params"]
@@ -72,13 +75,20 @@ def tiny_setup(seed: int = 0) -> tuple[dict, dict]:
   capture = jax.jit(lambda p, x: settings.model("capture").apply({"params": p}, x,
                                                                  mutable=["calib"])[1])
   seen = capture(params, x)
-  inputs = qbounds.leaves_by_name(seen["calib"], "input")
+  inputs = qnames.leaves_by_name(seen["calib"], "input")
   bounds = {name: [float(jnp.min(v)), float(jnp.max(v))] for name, v in inputs.items()}
-  return params, qbounds.dict_to_tree(bounds)
+  return params, qnames.dict_to_tree(bounds)
 
 
 def as_dict(quant) -> dict[str, np.ndarray]:
-  return {k: np.asarray(v) for k, v in qbounds.leaves_by_name(quant, "bounds").items()}
+  return {k: np.asarray(v) for k, v in qnames.leaves_by_name(quant, "bounds").items()}
+
+
+def train(params, quant, config: ml_collections.ConfigDict, workdir, **kwargs):
+  """`loop.train` on the tiny network with the settings the pipeline would take from `config`
+  (kwargs: mesh, validate, callback, progress)."""
+  return dqc_loop.train(params, quant, run_settings.dqc_settings(config, ARCH),
+                        run_settings.loop_settings(config), workdir, **kwargs)
 
 
 def main(argv: list[str]) -> None:
@@ -89,8 +99,7 @@ def main(argv: list[str]) -> None:
     config.dqc.checkpoint_every = int(argv[5])
   params, quant = tiny_setup()
   callback = (lambda step, scalars: time.sleep(sleep)) if sleep else None
-  final, info = dqc.train(params, quant, config=config, workdir=workdir, arch=ARCH,
-                          callback=callback)
+  final, info = train(params, quant, config, workdir, callback=callback)
   np.savez(workdir / "result.npz", **as_dict(final))
   print("devices", jax.device_count(), "resumed_from", info["resumed_from"])
 

@@ -17,7 +17,7 @@ from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
-from twodquant_jax import figures
+from twodquant_jax.report import figures
 from twodquant_jax.data.benchmarks import BenchmarkImage
 from twodquant_jax.data.bicubic import imresize
 from twodquant_jax.data.images import load_rgb, save_png, to_uint8

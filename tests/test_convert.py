@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from twodquant_jax import convert
-from twodquant_jax.models.swinir import SwinIR
-from twodquant_jax.torch_pickle import CheckpointError, load_pth
+from twodquant_jax.io import convert
+from twodquant_jax.nn.swinir import SwinIR
+from twodquant_jax.io.torch_pickle import CheckpointError, load_pth
 
 
 def shapes(scale):

@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from twodquant_jax import convert
-from twodquant_jax.evaluate import Predictor
-from twodquant_jax.models.swinir import SwinIR
-from twodquant_jax.quant import bounds as qbounds
-from twodquant_jax.quant.dobi import CalibSettings, calibrate
+from twodquant_jax.io import convert
+from twodquant_jax.eval.predict import Predictor
+from twodquant_jax.nn.swinir import SwinIR
+from twodquant_jax.ptq import names as qnames
+from twodquant_jax.io import bounds_file
+from twodquant_jax.ptq.dobi import CalibSettings, calibrate
 
 CASES = [(4, 4), (2, 2), (3, 3)]  # the `_b4` reference files: DOBI on calib lr[:4]
 
@@ -43,7 +44,7 @@ def calibrated(reference):
 def test_dobi_bounds_equal_authors(reference, calibrated, scale, bits):
   ref = json.loads((reference / f"ref2dq_x{scale}_w{bits}_random_b4.json").read_text())
   assert ref["calibration"] == f"calib_x{scale}.npz lr[:4]"
-  ours = qbounds.tree_to_dict(calibrated[(scale, bits)][4])
+  ours = qnames.tree_to_dict(calibrated[(scale, bits)][4])
   assert set(ours) == set(ref["bounds"]) and len(ours) == 384
   worst, bad = 0.0, []
   for name, (lo, hi) in ref["bounds"].items():
@@ -65,7 +66,7 @@ def test_quantized_forward_matches_authors(reference, scale, bits):
   median and the bulk.
   """
   fp, qm, params, like = _setup(reference, scale, bits)
-  quant = qbounds.load_bounds(reference / f"ref2dq_x{scale}_w{bits}_random_b4.json", like)
+  quant = bounds_file.load_bounds(reference / f"ref2dq_x{scale}_w{bits}_random_b4.json", like)
   out = np.load(reference / f"ref2dq_x{scale}_w{bits}_random_b4_outputs.npz")
   pq = Predictor(lambda x: qm.apply({"params": params, "quant": quant}, x), scale)
   # (FP parity of these outputs is test_model's; one image per scale keeps compiles few.)
@@ -90,7 +91,7 @@ def test_quant_mode_is_identity_without_quantization(reference, calibrated):
 
 def test_quant_collection_is_separate_and_complete(calibrated):
   _, qm, params, like, quant, _ = calibrated[(4, 4)]
-  assert "quant" not in params and len(qbounds.quant_names(like)) == 384
+  assert "quant" not in params and len(qnames.quant_names(like)) == 384
   variables = qm.init(jax.random.key(0), jnp.zeros((1, 8, 8, 3)))
   assert set(variables) == {"params", "quant"}
   assert jax.tree_util.tree_structure(variables["quant"]) == jax.tree_util.tree_structure(quant)
@@ -98,27 +99,27 @@ def test_quant_collection_is_separate_and_complete(calibrated):
 
 def test_bounds_file_round_trip_and_errors(calibrated, tmp_path):
   _, _, _, like, quant, _ = calibrated[(2, 2)]
-  qbounds.save_bounds(tmp_path / "bounds.json", quant, {"method": "dobi"})
-  back = qbounds.load_bounds(tmp_path / "bounds.json", like)
-  assert qbounds.tree_to_dict(back) == qbounds.tree_to_dict(quant)
+  bounds_file.save_bounds(tmp_path / "bounds.json", quant, {"method": "dobi"})
+  back = bounds_file.load_bounds(tmp_path / "bounds.json", like)
+  assert qnames.tree_to_dict(back) == qnames.tree_to_dict(quant)
   data = json.loads((tmp_path / "bounds.json").read_text())
   data["bounds"].pop(next(iter(data["bounds"])))
   (tmp_path / "short.json").write_text(json.dumps(data))
   with pytest.raises(ValueError, match="1 missing"):
-    qbounds.load_bounds(tmp_path / "short.json", like)
+    bounds_file.load_bounds(tmp_path / "short.json", like)
   (tmp_path / "junk.json").write_text("not json")
   with pytest.raises(ValueError, match="not a JSON"):
-    qbounds.load_bounds(tmp_path / "junk.json", like)
+    bounds_file.load_bounds(tmp_path / "junk.json", like)
 
 
 def test_names_round_trip():
   name = "layers.3.residual_group.blocks.5.attn.qkv.k.act_quantizer"
-  path = qbounds.path_from_name(name)
+  path = qnames.path_from_name(name)
   assert path == ("layers_3", "residual_group", "blocks_5", "attn", "qkv", "k", "act_quantizer")
-  assert qbounds.name_from_path(path) == name
-  assert qbounds.is_one_sided("layers.0.residual_group.blocks.0.attn.mymodule_a")
-  assert qbounds.is_one_sided("layers.0.residual_group.blocks.0.mlp.fc2.act_quantizer")
-  assert not qbounds.is_one_sided("layers.0.residual_group.blocks.0.mlp.fc1.act_quantizer")
+  assert qnames.name_from_path(path) == name
+  assert qnames.is_one_sided("layers.0.residual_group.blocks.0.attn.mymodule_a")
+  assert qnames.is_one_sided("layers.0.residual_group.blocks.0.mlp.fc2.act_quantizer")
+  assert not qnames.is_one_sided("layers.0.residual_group.blocks.0.mlp.fc1.act_quantizer")
 
 
 def test_baselines_and_paper_strategy(reference, calibrated):
@@ -130,11 +131,11 @@ def test_baselines_and_paper_strategy(reference, calibrated):
   paper, _ = calibrate(params, 4, 4, lr, CalibSettings(strategy="paper", tie="first"))
   pct, _ = calibrate(params, 4, 4, lr, CalibSettings(method="percentile", percentile_low=1,
                                                      percentile_high=99))
-  mm, paper, pct, ref = map(qbounds.tree_to_dict, (mm, paper, pct, ref_quant))
+  mm, paper, pct, ref = map(qnames.tree_to_dict, (mm, paper, pct, ref_quant))
   for name in mm:
     assert mm[name][0] <= ref[name][0] and ref[name][1] <= mm[name][1]
     assert mm[name][0] <= pct[name][0] <= pct[name][1] <= mm[name][1]
-    if qbounds.is_one_sided(name):
+    if qnames.is_one_sided(name):
       assert paper[name][0] == mm[name][0]  # lower bound fixed at the minimum
     else:
       np.testing.assert_allclose(paper[name], ref[name], rtol=1e-5)

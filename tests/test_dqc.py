@@ -20,11 +20,15 @@ import numpy as np
 import pytest
 
 import dqc_tiny
-from twodquant_jax import convert
-from twodquant_jax.models.swinir import SwinIR
+from twodquant_jax.io import convert
+from twodquant_jax.nn.swinir import SwinIR
 from twodquant_jax.paths import REPO_ROOT
-from twodquant_jax.quant import bounds as qbounds
-from twodquant_jax.quant import dqc
+from twodquant_jax.ptq import names as qnames
+from twodquant_jax.io import bounds_file
+from twodquant_jax.ptq.dqc import checkpoint as dqc_ckpt
+from twodquant_jax.ptq.dqc import loop as dqc_loop
+from twodquant_jax.ptq.dqc import loss as dqc_loss
+from twodquant_jax.ptq.dqc import step as dqc_step
 
 TINY_SCRIPT = Path(__file__).with_name("dqc_tiny.py")
 
@@ -45,12 +49,12 @@ def test_reference_loss_and_gradients_match_authors(reference):
                                       shapes["params"])
   like = jax.eval_shape(lambda: SwinIR(upscale=4, mode="quant", bits=4).init(
       jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["quant"])
-  quant = qbounds.load_bounds(reference / "ref2dq_x4_w4_random_b4.json", like)
+  quant = bounds_file.load_bounds(reference / "ref2dq_x4_w4_random_b4.json", like)
   x = np.load(reference / "calib_x4.npz")["lr"][:4].astype(np.float32) / 255.0
-  settings = dqc.DQCSettings(scale=4, bits=4, loss="reference")
+  settings = dqc_step.DQCSettings(scale=4, bits=4, loss="reference")
 
   grad_fn = jax.jit(jax.value_and_grad(
-      lambda q: dqc.distillation_loss(params, q, x, settings), has_aux=True))
+      lambda q: dqc_step.distillation_loss(params, q, x, settings), has_aux=True))
   (loss, aux), grads = grad_fn(quant)
 
   # l_pix is the mean |O_q - O| of a 4-bit network: float32 builds of this same code land
@@ -61,7 +65,7 @@ def test_reference_loss_and_gradients_match_authors(reference):
   for ours, theirs in zip(np.asarray(aux["l_feature_terms"]), step["l_feature_terms"]):
     assert _rel(ours, theirs) < 1e-3
 
-  flat = qbounds.leaves_by_name(grads, "bounds")
+  flat = qnames.leaves_by_name(grads, "bounds")
   names = sorted(flat)
   assert len(names) == 384
   ours = np.array([float(flat[n][i]) for n in names for i in (0, 1)])
@@ -111,12 +115,12 @@ def _verbatim_float64(f_q, f, weight=5.0):
 def test_reference_feature_term_equals_verbatim_broadcast(noise):
   f_q, f = _features(np.random.default_rng(0), noise=noise)
   value64, grad64 = _verbatim_float64(f_q, f)
-  verbatim = dqc.reference_feature_term_verbatim(f_q, f, 5.0)
-  fast = dqc.reference_feature_term(f_q, f, 5.0)
+  verbatim = dqc_loss.reference_feature_term_verbatim(f_q, f, 5.0)
+  fast = dqc_loss.reference_feature_term(f_q, f, 5.0)
   np.testing.assert_allclose(verbatim, value64, rtol=1e-3)  # the float32 verbatim form itself
   np.testing.assert_allclose(fast, value64, rtol=1e-5)  # no cancellation in the fast form
-  g_verbatim = jax.grad(dqc.reference_feature_term_verbatim)(f_q, f, 5.0)
-  g_fast = jax.grad(dqc.reference_feature_term)(f_q, f, 5.0)
+  g_verbatim = jax.grad(dqc_loss.reference_feature_term_verbatim)(f_q, f, 5.0)
+  g_fast = jax.grad(dqc_loss.reference_feature_term)(f_q, f, 5.0)
   atol = 1e-4 * np.abs(grad64).max()
   np.testing.assert_allclose(g_verbatim, grad64, rtol=5e-2, atol=atol)
   np.testing.assert_allclose(g_fast, grad64, rtol=1e-4, atol=atol)
@@ -127,7 +131,7 @@ def test_reference_loss_against_numpy():
   out = rng.uniform(size=(2, 8, 8, 3))
   out_q = out + 0.01 * rng.standard_normal(out.shape)
   feats = [_features(rng, b=2, noise=0.1) for _ in range(4)]
-  loss, aux = dqc.reference_loss(jnp.asarray(out_q, jnp.float32), jnp.asarray(out, jnp.float32),
+  loss, aux = dqc_loss.reference_loss(jnp.asarray(out_q, jnp.float32), jnp.asarray(out, jnp.float32),
                                  [fq for fq, _ in feats], [f for _, f in feats])
   l_pix = np.mean(np.abs(out_q - out)) / out.size * 2
   terms = []
@@ -148,7 +152,7 @@ def test_paper_loss_against_numpy():
   out = rng.uniform(size=(b, 8, 8, 3))
   out_q = out + 0.01 * rng.standard_normal(out.shape)
   feats = [_features(rng, b=b, length=16 * (i + 1), c=5, noise=0.1) for i in range(4)]
-  loss, aux = dqc.paper_loss(jnp.asarray(out_q, jnp.float32), jnp.asarray(out, jnp.float32),
+  loss, aux = dqc_loss.paper_loss(jnp.asarray(out_q, jnp.float32), jnp.asarray(out, jnp.float32),
                              [fq for fq, _ in feats], [f for _, f in feats], feature_weight=2.5)
   l_o = np.mean([np.mean(np.abs(out[i] - out_q[i])) for i in range(b)])
   terms = []
@@ -162,21 +166,21 @@ def test_paper_loss_against_numpy():
   np.testing.assert_allclose(loss, l_o + 2.5 * sum(terms), rtol=1e-5)
   # Identical features: finite gradients (a plain sqrt would give NaN at 0).
   same = [f for _, f in feats]
-  g = jax.grad(lambda fs: dqc.paper_loss(out, out, fs, same)[0])(same)
+  g = jax.grad(lambda fs: dqc_loss.paper_loss(out, out, fs, same)[0])(same)
   assert all(bool(jnp.all(jnp.isfinite(x))) for x in g)
 
 
 def test_settings_are_checked():
   with pytest.raises(ValueError, match="loss"):
-    dqc.DQCSettings(loss="l2")
+    dqc_step.DQCSettings(loss="l2")
   with pytest.raises(ValueError, match="schedule"):
-    dqc.DQCSettings(schedule="linear")
+    dqc_step.DQCSettings(schedule="linear")
   with pytest.raises(ValueError, match="multiple of the number of devices"):
-    dqc.check_batch_size(3, dqc.data_mesh([jax.devices()[0]] * 2))
+    dqc_step.check_batch_size(3, dqc_step.data_mesh([jax.devices()[0]] * 2))
 
 
 def test_cosine_schedule_is_pytorch_cosine_annealing():
-  sched = dqc.make_schedule(dqc.DQCSettings(steps=10, lr=1e-2))
+  sched = dqc_step.make_schedule(dqc_step.DQCSettings(steps=10, lr=1e-2))
   for t in (0, 3, 9):
     np.testing.assert_allclose(sched(t), 1e-2 * (1 + np.cos(np.pi * t / 10)) / 2, rtol=1e-6)
 
@@ -194,7 +198,7 @@ def _subprocess_env(devices: int = 1) -> dict[str, str]:
 
 
 def _log_steps(workdir: Path) -> list[int]:
-  path = workdir / dqc.LOG_FILE
+  path = workdir / dqc_ckpt.LOG_FILE
   if not path.exists():
     return []
   steps = []
@@ -208,7 +212,7 @@ def _log_steps(workdir: Path) -> list[int]:
 
 def _checkpoint_bounds(workdir: Path, step: int) -> dict[str, np.ndarray]:
   import orbax.checkpoint as ocp
-  manager = dqc.checkpoint_manager(workdir, read_only=True)
+  manager = dqc_ckpt.checkpoint_manager(workdir, read_only=True)
   try:
     meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
   finally:
@@ -230,7 +234,7 @@ def uninterrupted(tiny, tmp_path_factory, benchmarks):
   config.dqc.val_images = 2
   config.dqc.val_every = 20
   config.dqc.val_crop = 64
-  final, info = dqc.train(*tiny, config=config, workdir=workdir, arch=dqc_tiny.ARCH)
+  final, info = dqc_tiny.train(*tiny, config, workdir)
   return dqc_tiny.as_dict(final), info, workdir
 
 
@@ -266,8 +270,7 @@ def test_kill_and_resume_matches_uninterrupted(tiny, uninterrupted, tmp_path):
   killed_at = max(_log_steps(workdir))
   assert 25 <= killed_at < 40
 
-  final, info = dqc.train(*tiny, config=dqc_tiny.tiny_config(40, 4), workdir=workdir,
-                          arch=dqc_tiny.ARCH)
+  final, info = dqc_tiny.train(*tiny, dqc_tiny.tiny_config(40, 4), workdir)
   assert info["resumed_from"] is not None and 20 <= info["resumed_from"] <= killed_at
   assert info["steps_run"] == 40 - info["resumed_from"]
   assert _log_steps(workdir) == list(range(1, 41))  # the killed run's extra lines are dropped
@@ -289,8 +292,7 @@ def test_one_vs_four_devices(tiny, tmp_path):
                           env=_subprocess_env(devices=4), cwd=REPO_ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
-    one, _ = dqc.train(*tiny, config=dqc_tiny.tiny_config(5, 4), workdir=tmp_path / "one",
-                       arch=dqc_tiny.ARCH)
+    one, _ = dqc_tiny.train(*tiny, dqc_tiny.tiny_config(5, 4), tmp_path / "one")
     out, err = proc.communicate(timeout=300)
   finally:
     if proc.poll() is None:
@@ -310,11 +312,11 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
   config.dqc.lr = 1e30  # the first update is finite, the next forward overflows
   config.dqc.schedule = "constant"
   config.dqc.checkpoint_every = 1
-  with pytest.raises(dqc.NonFiniteError, match=r"DQC stopped at step \d+") as err:
-    dqc.train(*tiny, config=config, workdir=tmp_path, arch=dqc_tiny.ARCH)
+  with pytest.raises(dqc_loop.NonFiniteError, match=r"DQC stopped at step \d+") as err:
+    dqc_tiny.train(*tiny, config, tmp_path)
   step, kept = err.value.step, err.value.checkpoint_step
   assert step >= 2 and kept == step - 1
-  manager = dqc.checkpoint_manager(tmp_path, read_only=True)
+  manager = dqc_ckpt.checkpoint_manager(tmp_path, read_only=True)
   try:
     assert manager.latest_step() == kept
   finally:
@@ -322,8 +324,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
   bounds = _checkpoint_bounds(tmp_path, kept)
   assert len(bounds) == 32 and all(np.isfinite(v).all() for v in bounds.values())
   # Restarting resumes from the good checkpoint and stops again at the same step.
-  with pytest.raises(dqc.NonFiniteError) as again:
-    dqc.train(*tiny, config=config, workdir=tmp_path, arch=dqc_tiny.ARCH)
+  with pytest.raises(dqc_loop.NonFiniteError) as again:
+    dqc_tiny.train(*tiny, config, tmp_path)
   assert again.value.step == step
 
 
@@ -337,13 +339,13 @@ def test_microbatches_equal_whole_batch(loss):
   params, quant = dqc_tiny.tiny_setup()
   x = jnp.asarray(np.random.default_rng(3).random((6, 16, 16, 3)), jnp.float32)
   arch = tuple(sorted(dqc_tiny.ARCH.items()))
-  whole = dqc.DQCSettings(scale=dqc_tiny.SCALE, bits=dqc_tiny.BITS, loss=loss, arch=arch)
-  micro = dqc.DQCSettings(scale=dqc_tiny.SCALE, bits=dqc_tiny.BITS, loss=loss, arch=arch,
+  whole = dqc_step.DQCSettings(scale=dqc_tiny.SCALE, bits=dqc_tiny.BITS, loss=loss, arch=arch)
+  micro = dqc_step.DQCSettings(scale=dqc_tiny.SCALE, bits=dqc_tiny.BITS, loss=loss, arch=arch,
                           microbatch=2)
   (l_w, aux_w), g_w = jax.jit(jax.value_and_grad(
-      lambda q: dqc.distillation_loss(params, q, x, whole), has_aux=True))(quant)
+      lambda q: dqc_step.distillation_loss(params, q, x, whole), has_aux=True))(quant)
   (l_m, aux_m), g_m = jax.jit(
-      lambda q: dqc.microbatched_value_and_grad(params, q, x, micro))(quant)
+      lambda q: dqc_step.microbatched_value_and_grad(params, q, x, micro))(quant)
   np.testing.assert_allclose(l_m, l_w, rtol=1e-5)
   np.testing.assert_allclose(aux_m["l_pix"], aux_w["l_pix"], rtol=1e-5)
   np.testing.assert_allclose(aux_m["l_feature_terms"], aux_w["l_feature_terms"], rtol=1e-4)
@@ -351,4 +353,4 @@ def test_microbatches_equal_whole_batch(loss):
   gm = np.concatenate([np.ravel(v) for v in jax.tree_util.tree_leaves(g_m)])
   assert np.abs(gw).max() > 0
   np.testing.assert_allclose(gm, gw, rtol=1e-4, atol=1e-5 * np.abs(gw).max())
-  assert [dqc.microbatch_size(b, m) for b, m in [(32, 8), (12, 8), (5, 2), (4, 8)]] == [8, 6, 1, 4]
+  assert [dqc_step.microbatch_size(b, m) for b, m in [(32, 8), (12, 8), (5, 2), (4, 8)]] == [8, 6, 1, 4]

@@ -8,9 +8,9 @@ import pytest
 from twodquant_jax.data.images import load_rgb
 from twodquant_jax.data.images import mod_crop
 from twodquant_jax.data.images import to_uint8
-from twodquant_jax.metrics import psnr_y
-from twodquant_jax.metrics import rgb_to_y
-from twodquant_jax.metrics import ssim_y
+from twodquant_jax.eval.metrics import psnr_y
+from twodquant_jax.eval.metrics import rgb_to_y
+from twodquant_jax.eval.metrics import ssim_y
 
 SCALE = 4
 

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from twodquant_jax import convert
-from twodquant_jax.evaluate import Predictor, flip_pad
-from twodquant_jax.models import swinir
-from twodquant_jax.models.swinir import SwinIR
+from twodquant_jax.io import convert
+from twodquant_jax.eval.predict import Predictor, flip_pad
+from twodquant_jax.nn import swinir
+from twodquant_jax.nn.swinir import SwinIR
 
 
 def load_params(reference, scale):

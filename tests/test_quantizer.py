@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from twodquant_jax.quant.quantizer import fake_quant
+from twodquant_jax.nn.quantizer import fake_quant
 
 BITS = (2, 3, 4, 8)
 F32 = np.float32

@@ -4,8 +4,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from twodquant_jax.models.swinir import SwinIR
-from twodquant_jax.quant import ratios
+from twodquant_jax.nn.swinir import SwinIR
+from twodquant_jax.eval import ratios
 
 
 @pytest.fixture(scope="module")

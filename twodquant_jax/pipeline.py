@@ -20,40 +20,20 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from twodquant_jax import convert, evaluate, report
+from twodquant_jax import settings as run_settings
+from twodquant_jax.data import patches
 from twodquant_jax.data.benchmarks import load_benchmark
 from twodquant_jax.data.images import save_png
-from twodquant_jax.models.swinir import SwinIR, variable_shapes
-from twodquant_jax.quant import bounds as qbounds
-from twodquant_jax.quant import ratios
-from twodquant_jax.quant.dobi import CalibSettings, calibrate_many
-
-ALL_METHODS = ("fp", "bicubic", "minmax", "percentile", "dobi", "2dquant")
-QUANT_METHODS = ("minmax", "percentile", "dobi", "2dquant")
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Clear errors for settings that would otherwise fail deep inside JAX."""
-  if config.scale not in (2, 3, 4):
-    raise ValueError(f"config.scale must be 2, 3 or 4, got {config.scale}")
-  asked = [m.strip() for m in config.method.split(",") if m.strip()]
-  unknown = [m for m in asked if m not in ALL_METHODS + ("all",)]
-  if not asked or unknown or ("all" in asked and len(asked) > 1):
-    raise ValueError(f"config.method must be 'all' or one or more (comma-separated) of "
-                     f"{ALL_METHODS}, got {config.method!r}")
-  if set(methods_of(config)) & set(QUANT_METHODS) and not 2 <= config.bits <= 8:
-    raise ValueError(f"config.bits must be between 2 and 8 for quantization, got {config.bits}")
-  if config.eval.tile and config.eval.tile % 8:
-    raise ValueError(f"config.eval.tile must be a multiple of 8, got {config.eval.tile}")
-
-
-def methods_of(config: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """'all', one method, or a comma-separated list (run in the order of ALL_METHODS)."""
-  if config.method == "all":
-    return ALL_METHODS
-  asked = [m.strip() for m in config.method.split(",") if m.strip()]
-  return tuple(m for m in ALL_METHODS if m in asked)
-
+from twodquant_jax.eval import predict as evaluate
+from twodquant_jax.eval import ratios, validation
+from twodquant_jax.io import bounds_file, convert
+from twodquant_jax.nn.swinir import SwinIR, variable_shapes
+from twodquant_jax.ptq import methods as method_registry
+from twodquant_jax.ptq import names as qnames
+from twodquant_jax.ptq.dobi import calibrate_many
+from twodquant_jax.ptq.dqc import loop as dqc_loop
+from twodquant_jax.report import tables as report
+from twodquant_jax.settings import calib_settings, dataset_names, methods_of, validate
 
 def default_workdir(config: ml_collections.ConfigDict) -> Path:
   bits = "" if config.method in ("fp", "bicubic") else f"_w{config.bits}"
@@ -71,25 +51,12 @@ def load_params(config: ml_collections.ConfigDict) -> tuple[dict, dict, Path]:
 
 def calibration_batch(config: ml_collections.ConfigDict) -> np.ndarray:
   """The uint8 LR calibration batch: a given .npz, else the first batch of the training stream."""
-  from twodquant_jax.data import patches
   if config.calib.batch_file:
     return patches.load_batch_file(config.calib.batch_file)["lr"]
   source = patches.load_patch_source(config.calib.root, config.calib.lr_size * config.scale)
   return patches.calibration_batch(source, config.seed, scale=config.scale,
                                    batch_size=config.calib.num_patches,
                                    lr_size=config.calib.lr_size, augment=config.calib.augment)["lr"]
-
-
-def calib_settings(config: ml_collections.ConfigDict, method: str) -> CalibSettings:
-  """Calibration settings of a method; dobi.tie 'auto' follows the strategy (paper: last
-  minimum, reference: first minimum, as each source does)."""
-  tie = config.dobi.tie
-  if tie == "auto":
-    tie = "first" if config.dobi.strategy == "reference" else "last"
-  return CalibSettings(method="dobi" if method == "2dquant" else method,
-                       num_candidates=config.dobi.num_candidates, strategy=config.dobi.strategy,
-                       tie=tie, search=config.dobi.search, percentile_low=config.percentile.low,
-                       percentile_high=config.percentile.high)
 
 
 def sr_predictor(config: ml_collections.ConfigDict, params: dict, quant: dict | None
@@ -147,8 +114,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) ->
   t_start = time.perf_counter()
   with jax.default_matmul_precision(config.matmul_precision):
     params, ckpt_bounds, ckpt_path = load_params(config)
-    names = [n.strip() for n in config.eval.datasets.split(",") if n.strip()]
-    datasets = {n: load_benchmark(config.data.root, n, config.scale) for n in names}
+    datasets = {n: load_benchmark(config.data.root, n, config.scale)
+                for n in dataset_names(config)}
     results: dict[str, Any] = {
         "config": config.to_dict(), "checkpoint": str(ckpt_path), "scale": config.scale,
         "bits": config.bits, "methods": {}, "environment": _environment(),
@@ -163,12 +130,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) ->
         predict = evaluate.bicubic_predict(config.scale)
       else:
         if method == "2dquant" and "2dquant" not in bounds:
-          from twodquant_jax.quant import dqc
           if "dobi" not in methods_of(config):  # keep the starting point (figures, reruns)
-            qbounds.save_bounds(workdir / "bounds_dobi.json", bounds["dobi"],
+            bounds_file.save_bounds(workdir / "bounds_dobi.json", bounds["dobi"],
                                 {"method": "dobi", "bits": config.bits, "scale": config.scale})
-          bounds["2dquant"], entry["dqc"] = dqc.train(
-              params, bounds["dobi"], config=config, workdir=workdir, progress=_progress(config))
+          bounds["2dquant"], entry["dqc"] = run_dqc(config, params, bounds["dobi"], workdir)
         quant = bounds.get(method)
         if quant is not None:
           entry["bounds_file"] = _save_bounds(config, workdir, method, quant)
@@ -189,15 +154,15 @@ def _initial_bounds(config, params, ckpt_bounds, results) -> dict[str, dict]:
   else MinMax / Percentile / DOBI (also DOBI for 2DQuant) from ONE capture pass of the FP model
   on the calibration batch. Records where they came from in results['methods']."""
   methods = methods_of(config)
-  wanted = {m for m in methods if m in QUANT_METHODS}
+  wanted = {m for m in methods if method_registry.REGISTRY[m].quantized}
   if not wanted:
     return {}
   like = variable_shapes(config.scale, "quant", config.bits)["quant"]
   given = None
   if config.model.bounds:
-    given, source = qbounds.load_bounds(config.model.bounds, like), config.model.bounds
+    given, source = bounds_file.load_bounds(config.model.bounds, like), config.model.bounds
   elif ckpt_bounds:
-    given, source = qbounds.dict_to_tree(ckpt_bounds, like), "checkpoint"
+    given, source = qnames.dict_to_tree(ckpt_bounds, like), "checkpoint"
   bounds: dict[str, dict] = {}
   if given is not None:
     # Given bounds are evaluated as they are (2DQuant: the calibrated model, no further DQC).
@@ -222,10 +187,25 @@ def _initial_bounds(config, params, ckpt_bounds, results) -> dict[str, dict]:
   return bounds
 
 
+def run_dqc(config: ml_collections.ConfigDict, params: dict, quant0: dict, workdir: Path
+            ) -> tuple[dict, dict]:
+  """DQC from the DOBI bounds, with held-out validation when `dqc.val_root` is set."""
+  settings = run_settings.dqc_settings(config)
+  validate_fn = None
+  if config.dqc.val_root:
+    images = validation.load_validation_images(config.dqc.val_root, config.scale,
+                                               int(config.dqc.val_images),
+                                               int(config.dqc.val_crop))
+    model = settings.model("quant")
+    validate_fn = lambda quant: validation.validate_psnr(params, quant, images, model)
+  return dqc_loop.train(params, quant0, settings, run_settings.loop_settings(config), workdir,
+                        progress=_progress(config), validate=validate_fn)
+
+
 def _save_bounds(config, workdir: Path, method: str, quant: dict) -> str:
   """bounds.json for a single-method run (dobi or 2dquant), else bounds_<method>.json."""
   single = len(methods_of(config)) == 1 and method in ("dobi", "2dquant")
   fname = "bounds.json" if single else f"bounds_{method}.json"
-  qbounds.save_bounds(workdir / fname, quant, {"method": method, "bits": config.bits,
+  bounds_file.save_bounds(workdir / fname, quant, {"method": method, "bits": config.bits,
                                                "scale": config.scale})
   return fname

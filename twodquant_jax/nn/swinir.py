@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from twodquant_jax.quant.modules import FakeQuant, QuantDense, QuantQKV, check_mode
+from twodquant_jax.nn.layers import FakeQuant, QuantDense, QuantQKV, check_mode
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
 LN_EPS = 1e-5
@@ -254,6 +254,16 @@ class SwinIR(nn.Module):
   def layer(self, i: int, tokens: jnp.ndarray, hw: tuple[int, int]):
     """Runs RSTB i: returns (tokens, block-stack feature)."""
     return self.layers[i](tokens, hw)
+
+  def stage(self, i: int, mode: str | None = None) -> "RSTB":
+    """A standalone (unbound) RSTB i, to run one stage at a time with `params[stage_name(i)]`."""
+    return RSTB(self.embed_dim, self.depths[i], self.num_heads[i], self.window_size,
+                self.mlp_ratio, mode or self.mode, self.bits)
+
+  @staticmethod
+  def stage_name(i: int) -> str:
+    """The key of RSTB i's parameters (Flax names list entries `<attr>_<i>`)."""
+    return f"layers_{i}"
 
   def tail(self, tokens: jnp.ndarray, shallow: jnp.ndarray, out_hw: tuple[int, int]):
     """Final norm, conv_after_body + long skip, pixelshuffledirect, de-normalise, crop."""

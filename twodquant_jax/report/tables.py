@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-LABELS = {"fp": "FP", "bicubic": "Bicubic", "minmax": "MinMax", "percentile": "Percentile",
-          "dobi": "DOBI", "2dquant": "2DQuant"}
+from twodquant_jax.ptq.methods import LABELS
 
 
 def results_markdown(results: Mapping) -> str:
@@ -40,5 +39,5 @@ def results_markdown(results: Mapping) -> str:
 
 def make_figures(config, workdir, results, *, params, datasets) -> list[str]:
   """Writes the PNG figures into <workdir>/figures (see `figures.py`)."""
-  from twodquant_jax import figures
+  from twodquant_jax.report import figures
   return figures.make_all(config, workdir, results, params=params, datasets=datasets)

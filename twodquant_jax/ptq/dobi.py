@@ -19,10 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from twodquant_jax.models.swinir import RSTB, SwinIR
-from twodquant_jax.quant import search
-from twodquant_jax.quant.bounds import dict_to_tree, is_one_sided, is_weight, leaves_by_name
-from twodquant_jax.quant.modules import CALIB
+from twodquant_jax.nn.swinir import SwinIR, variable_shapes
+from twodquant_jax.ptq import search
+from twodquant_jax.ptq.names import (dict_to_tree, is_one_sided, is_weight, leaves_by_name,
+                                     quant_names)
+from twodquant_jax.nn.layers import CALIB
 
 METHODS = ("minmax", "percentile", "dobi")
 _BMM_OPERAND = re.compile(r"\.mymodule_[qkv]$")
@@ -110,20 +111,19 @@ def iter_captured(params: Mapping, scale: int, lr: np.ndarray
   shallow, tokens = jax.jit(lambda p, x: fp.apply({"params": p}, x, method=SwinIR.embed))(
       params, x)
   hw = tuple(shallow.shape[1:3])
-  rstb = RSTB(fp.embed_dim, fp.depths[0], fp.num_heads[0], fp.window_size, fp.mlp_ratio,
-              mode="capture")
+  stage = fp.stage(0, mode="capture")  # identical stages: one compile serves all
 
   @jax.jit
   def run_layer(layer_params, tokens):
-    (out, _), state = rstb.apply({"params": layer_params}, tokens, hw, mutable=[CALIB])
+    (out, _), state = stage.apply({"params": layer_params}, tokens, hw, mutable=[CALIB])
     return out, state[CALIB]
 
   for i in range(len(fp.depths)):
     tf = time.perf_counter()
-    tokens, captured = run_layer(params[f"layers_{i}"], tokens)
+    tokens, captured = run_layer(params[fp.stage_name(i)], tokens)
     jax.block_until_ready(tokens)
     seconds = time.perf_counter() - tf
-    yield i, leaves_by_name({f"layers_{i}": captured}, "input"), seconds
+    yield i, leaves_by_name({fp.stage_name(i): captured}, "input"), seconds
     del captured
 
 
@@ -141,7 +141,7 @@ def calibrate_many(params: Mapping, scale: int, lr: np.ndarray,
   bounds: dict[str, dict[str, list[float]]] = {k: {} for k in settings}
   search_s = {k: 0.0 for k in settings}
   forward_s = 0.0
-  total = 16 * sum(SwinIR.depths)
+  total = len(quant_names(variable_shapes(scale, "quant")["quant"]))
   bar = tqdm(total=total * len(settings), desc="bounds", disable=not progress, leave=False)
   for _, inputs, seconds in iter_captured(params, scale, lr):
     forward_s += seconds

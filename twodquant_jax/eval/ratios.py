@@ -12,7 +12,7 @@ from typing import Mapping
 
 import numpy as np
 
-from twodquant_jax.models.swinir import SwinIR
+from twodquant_jax.nn.swinir import SwinIR
 
 _LINEARS = ("qkv", "proj", "fc1", "fc2")
 

@@ -1,21 +1,19 @@
-"""Quantizer names and the bounds file: our 'quant' collection <-> the authors' module paths.
+"""Quantizer names: the one place that knows how our 'quant' collection maps to the authors' module paths.
 
 A quantizer is named as in the released 2DQuant code, e.g.
 `layers.0.residual_group.blocks.3.attn.qkv.k.act_quantizer` or `...attn.mymodule_a`; the Flax
-path is the same with `layers_0` / `blocks_3`. `bounds.json` maps each name to [lower, upper].
+path is the same with `layers_0` / `blocks_3`. Bounds files (`io/bounds_file.py`) key bounds by these names.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 from typing import Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
-from twodquant_jax.quant.modules import BOUNDS
+from twodquant_jax.nn.layers import BOUNDS
 
 QuantTree = Mapping  # the 'quant' variable collection
 _INDEXED = re.compile(r"^(layers|blocks)_(\d+)$")
@@ -90,41 +88,6 @@ def dict_to_tree(bounds: Mapping[str, Sequence[float]], like: QuantTree | None =
       raise ValueError(f"bounds do not match the model's quantizers: {len(missing)} missing "
                        f"(e.g. {missing[:2]}), {len(extra)} unknown (e.g. {extra[:2]})")
   return tree
-
-
-
-def save_bounds(path: str | Path, quant: QuantTree, meta: Mapping | None = None) -> None:
-  """Writes bounds.json: {"bounds": {name: [l, u]}, "meta": {...}} (atomically)."""
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps({"bounds": tree_to_dict(quant), "meta": dict(meta or {})}, indent=1))
-  tmp.replace(path)
-
-
-def load_bounds(path: str | Path, like: QuantTree | None = None) -> dict:
-  """Reads bounds from our bounds.json, the authors' reference JSON (a 'bounds' entry) or a
-  plain {name: [l, u]} JSON, or from the authors' quantized checkpoint (`net_Q_*.pth`, whose
-  state dict holds `<quantizer>.lower_bound/.upper_bound`). Returns the 'quant' collection."""
-  path = Path(path)
-  if not path.is_file():
-    raise FileNotFoundError(f"bounds file not found: {path}")
-  if path.suffix in (".pth", ".pt"):
-    from twodquant_jax.convert import split_quant_bounds, state_dict_from
-    from twodquant_jax.torch_pickle import load_pth
-    _, bounds = split_quant_bounds(state_dict_from(load_pth(path), str(path)))
-    if not bounds:
-      raise ValueError(f"{path} holds no quantizer bounds (<quantizer>.lower_bound entries)")
-  else:
-    try:
-      data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{path}: not a JSON bounds file ({e})") from e
-    bounds = data.get("bounds", data) if isinstance(data, dict) else None
-    if not isinstance(bounds, dict) or not all(
-        isinstance(v, (list, tuple)) and len(v) == 2 for v in bounds.values()):
-      raise ValueError(f"{path}: expected {{name: [lower, upper]}} (optionally under 'bounds')")
-  return dict_to_tree(bounds, like)
 
 
 def quant_names(quant_like: QuantTree) -> list[str]:

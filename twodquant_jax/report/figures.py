@@ -27,7 +27,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from twodquant_jax.report import LABELS
+from twodquant_jax.ptq.methods import LABELS
 
 # The 16 quantizers of one Swin block, in the released code's module order.
 BLOCK_QUANTIZERS = (
@@ -109,11 +109,12 @@ def bound_files(workdir: str | Path, config: ml_collections.ConfigDict,
 
 def load_bound_dicts(files: Mapping[str, Path]) -> dict[str, dict[str, list[float]]]:
   """{method: {quantizer: [lower, upper]}}; unreadable files are skipped with a note."""
-  from twodquant_jax.quant import bounds as qbounds
+  from twodquant_jax.ptq import names as qnames
+  from twodquant_jax.io import bounds_file
   out = {}
   for method, path in files.items():
     try:
-      out[method] = qbounds.tree_to_dict(qbounds.load_bounds(path))
+      out[method] = qnames.tree_to_dict(bounds_file.load_bounds(path))
     except (OSError, ValueError) as e:
       logging.warning("figures: skipping bounds %s (%s)", path, e)
   return out
@@ -171,7 +172,7 @@ def tensor_stats(params: Mapping, config: ml_collections.ConfigDict, lr: np.ndar
   methods of `bounds`: the share (%) of elements below l (clipped up), and at or below u.
   """
   hist_bounds = bounds if hist_bounds is None else hist_bounds
-  from twodquant_jax.quant import dobi
+  from twodquant_jax.ptq import dobi
   hist_names = set(hist_names)
   hists: dict[str, dict] = {}
   pct: dict[str, dict[str, tuple[float, float]]] = {m: {} for m in bounds}
@@ -288,7 +289,7 @@ def _image_psnr(results: Mapping, method: str, dataset: str, image: str) -> floa
 
 
 def _quant_like(config: ml_collections.ConfigDict):
-  from twodquant_jax.models.swinir import variable_shapes
+  from twodquant_jax.nn.swinir import variable_shapes
   return variable_shapes(config.scale, "quant", config.bits)["quant"]
 
 
@@ -297,9 +298,11 @@ def sr_images(config: ml_collections.ConfigDict, workdir: Path, results: Mapping
               dataset: str, image: str) -> dict[str, np.ndarray]:
   """{method: uint8 SR image} for Bicubic and every method in results: the saved PNG under
   <workdir>/sr when there is one, else the method run here on this one image."""
-  from twodquant_jax import evaluate, pipeline
+  from twodquant_jax import pipeline
+  from twodquant_jax.eval import predict as evaluate
   from twodquant_jax.data.images import load_rgb, to_uint8
-  from twodquant_jax.quant import bounds as qbounds
+  from twodquant_jax.ptq import names as qnames
+  from twodquant_jax.io import bounds_file
   methods = ["bicubic"] + [m for m in ("fp",) + METHOD_ORDER
                            if m in results.get("methods", {})]
   out: dict[str, np.ndarray] = {}
@@ -316,7 +319,7 @@ def sr_images(config: ml_collections.ConfigDict, workdir: Path, results: Mapping
         if method not in bound_paths:
           logging.info("figures: no bounds file for %s; it is left out of the visual", method)
           continue
-        quant = qbounds.load_bounds(bound_paths[method], _quant_like(config))
+        quant = bounds_file.load_bounds(bound_paths[method], _quant_like(config))
       predict = pipeline.sr_predictor(config, params(), quant).predict
     out[method] = to_uint8(predict([lr])[0])
   return out
@@ -484,7 +487,7 @@ def make_all(config: ml_collections.ConfigDict, workdir: str | Path, results: Ma
       continue
     with jax.default_matmul_precision(config.matmul_precision):
       srs = sr_images(config, workdir, results, get_params, files, img.lr, dataset, image)
-    from twodquant_jax import evaluate
+    from twodquant_jax.eval import predict as evaluate
     psnrs = {}
     for m, sr in srs.items():
       p = _image_psnr(results, m, dataset, image)

@@ -21,8 +21,8 @@ from typing import Any, Mapping
 import numpy as np
 from absl import logging
 
-from twodquant_jax.quant.bounds import path_from_name
-from twodquant_jax.torch_pickle import CheckpointError, load_pth
+from twodquant_jax.ptq.names import path_from_name
+from twodquant_jax.io.torch_pickle import CheckpointError, load_pth
 
 RELEASE = "https://github.com/JingyunLiang/SwinIR/releases/download/v0.0/"
 OFFICIAL = {

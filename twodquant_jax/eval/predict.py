@@ -17,10 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from twodquant_jax import metrics
+from twodquant_jax.eval import metrics
 from twodquant_jax.data.benchmarks import BenchmarkImage
 from twodquant_jax.data.images import to_uint8
-from twodquant_jax.models.swinir import SwinIR
+from twodquant_jax.nn.swinir import SwinIR
 
 
 def flip_pad(img: np.ndarray, multiple: int = 8) -> np.ndarray:
@@ -47,13 +47,13 @@ def _starts(size: int, tile: int, overlap: int) -> list[int]:
 
 
 @functools.lru_cache(maxsize=None)
-def jitted_apply(scale: int, mode: str = "fp", bits: int = 4) -> Callable:
+def jitted_apply(scale: int, mode: str = "fp", bits: int = 4, arch: tuple = ()) -> Callable:
   """One jitted `(variables, x) -> SR` per model kind, shared by every Predictor of that kind.
 
   Parameters and bounds are arguments, not constants, so methods with the same bit width (MinMax,
   Percentile, DOBI, 2DQuant) reuse one compilation per image size.
   """
-  model = SwinIR(upscale=scale, mode=mode, bits=bits)
+  model = SwinIR(upscale=scale, mode=mode, bits=bits, **dict(arch))
   return jax.jit(lambda variables, x: model.apply(variables, x))
 
 

@@ -14,7 +14,7 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
-from twodquant_jax.quant.quantizer import fake_quant
+from twodquant_jax.nn.quantizer import fake_quant
 
 MODES = ("fp", "capture", "quant")
 BOUNDS = "bounds"  # variable name inside each quantizer's 'quant' collection entry

@@ -1,0 +1,254 @@
+"""The DQC loop: state, data, steps, and periodic log / validation / checkpoint.
+
+Batches are step-indexed (step k uses `sample_batch(seed, step=k)`), so a resumed run sees
+exactly the batches an uninterrupted one would. Orbax checkpoints resume automatically; a
+non-finite loss or bound stops the run (`NonFiniteError`) without ever checkpointing the bad
+state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from tqdm import tqdm
+
+from twodquant_jax.data import patches
+from twodquant_jax.ptq.dqc import checkpoint as ckpt
+from twodquant_jax.ptq.dqc.step import (DATA_AXIS, DQCSettings, DQCState, check_batch_size,
+                                        data_mesh, init_state, jit_train_step, make_schedule)
+from twodquant_jax.ptq.names import tree_to_dict
+
+
+class NonFiniteError(RuntimeError):
+  """The DQC loss or a bound became NaN/inf; the last good checkpoint is kept."""
+
+  def __init__(self, step: int, what: str, checkpoint_step: int | None):
+    kept = (f"the last good checkpoint (step {checkpoint_step}) is kept"
+            if checkpoint_step is not None else "no checkpoint had been written yet")
+    super().__init__(f"DQC stopped at step {step}: {what} became non-finite (NaN/inf); {kept}. "
+                     "Lower config.dqc.lr or check the initial bounds (l < u).")
+    self.step = step
+    self.checkpoint_step = checkpoint_step
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSettings:
+  """Data and bookkeeping of a DQC run (what the step itself does not depend on)."""
+  calib_root: str
+  batch_size: int = 32
+  lr_size: int = 64
+  seed: int = 0
+  augment: bool = True
+  checkpoint_every: int = 200
+  keep_checkpoints: int = 2
+  log_every: int = 10
+  val_every: int = 500
+  data_workers: int = 0  # 0 = automatic
+  progress_every_s: float = 30.0  # plain progress lines when there is no progress bar
+
+  def __post_init__(self):
+    for name in ("batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "val_every"):
+      if int(getattr(self, name)) < 1:
+        raise ValueError(f"config.dqc.{name} must be >= 1, got {getattr(self, name)}")
+    if self.lr_size < 8 or self.lr_size % 8:
+      raise ValueError(f"config.calib.lr_size must be a positive multiple of 8 (the window), "
+                       f"got {self.lr_size}")
+
+  def workers(self) -> int:
+    return self.data_workers if self.data_workers > 0 else max(1, min(8, (os.cpu_count() or 2) - 1))
+
+
+def run_identity(settings: DQCSettings, loop: LoopSettings, params: Mapping, quant0: Mapping
+                 ) -> dict[str, Any]:
+  """What a checkpoint must agree on to be resumed (all but the step count and bookkeeping)."""
+  ident = {k: (list(map(list, v)) if k == "arch" else v)
+           for k, v in dataclasses.asdict(settings).items() if k != "steps"}
+  ident.update(seed=loop.seed, batch_size=loop.batch_size, lr_size=loop.lr_size,
+               augment=loop.augment, calib_root=loop.calib_root,
+               params=ckpt.fingerprint(params), initial_bounds=ckpt.fingerprint(quant0))
+  return ident
+
+
+class _Progress:
+  """A tqdm bar on a terminal; otherwise a plain log line every `every_s` seconds."""
+
+  def __init__(self, total: int, start: int, bar: bool, every_s: float):
+    self.total, self.start, self.every_s = total, start, every_s
+    self.bar = tqdm(total=total, initial=start, desc="DQC", dynamic_ncols=True) if bar else None
+    self.t0 = self.last = time.perf_counter()
+
+  def update(self, step: int, loss: float) -> None:
+    if self.bar is not None:
+      self.bar.update(1)
+      self.bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+      return
+    now = time.perf_counter()
+    if now - self.last >= self.every_s or step == self.total:
+      rate = (step - self.start) / max(now - self.t0, 1e-9)
+      eta = (self.total - step) / rate if rate > 0 else float("inf")
+      logging.info("DQC step %d/%d  loss %.4g  %.3f steps/s  ETA %.0f s", step, self.total, loss,
+                   rate, eta)
+      self.last = now
+
+  def close(self) -> None:
+    if self.bar is not None:
+      self.bar.close()
+
+
+def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSettings,
+          workdir: str | Path, *, progress: bool = False, mesh: Mesh | None = None,
+          validate: Callable[[Mapping], float] | None = None,
+          callback: Callable[[int, dict[str, Any]], None] | None = None,
+          ) -> tuple[dict, dict[str, Any]]:
+  """Runs DQC from the initial bounds `quant` (DOBI's), resuming from <workdir>/dqc_ckpt.
+
+  Args:
+    params: the FP model's 'params'.
+    quant: initial 'quant' collection (bounds).
+    settings, loop: the step's and the loop's settings.
+    workdir: where dqc_ckpt/ and dqc_log.jsonl go.
+    progress: show a tqdm bar (else plain progress lines in the log).
+    mesh: the device mesh (default: all devices on one 'data' axis).
+    validate: bounds -> held-out PSNR, called every `loop.val_every` steps and at the end.
+    callback: called as callback(step, scalars) after every completed, finite step.
+
+  Returns:
+    (final bounds, info) with info keys steps, steps_run, seconds, steps_per_s,
+    first_step_seconds (compile + one step), final_loss, resumed_from, devices, validation.
+
+  Raises:
+    NonFiniteError: the loss or a bound became non-finite (the last good checkpoint is kept).
+    ValueError: a checkpoint in workdir from a different run.
+  """
+  mesh = mesh or data_mesh()
+  check_batch_size(loop.batch_size, mesh)
+  repl = NamedSharding(mesh, P())
+  workdir = Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  log_path = workdir / ckpt.LOG_FILE
+  schedule = make_schedule(settings)
+  step_fn = jit_train_step(settings, mesh)
+  put = lambda tree: jax.device_put(jax.tree_util.tree_map(jnp.asarray, tree), repl)
+  params = put(params)
+  state = put(init_state(settings, quant))
+  identity = run_identity(settings, loop, params, state.quant)
+
+  manager = ckpt.checkpoint_manager(workdir, loop.keep_checkpoints)
+  state, meta = _resume(manager, state, identity, settings.steps, repl)
+  start = int(state.step)
+  resumed_from = start if meta else None
+  seconds_before = float(meta.get("seconds", 0.0))
+  final_loss = float(meta.get("loss", float("nan")))
+  ckpt.truncate_log(log_path, start)
+  validation: list[dict[str, float]] = []
+  last_saved = resumed_from
+  bar = _Progress(settings.steps, start, progress, loop.progress_every_s)
+  t0 = time.perf_counter()
+  first_step_seconds = t_after_first = None
+
+  def finish(state: DQCState, metrics: Mapping) -> None:
+    """Host side of a completed step: finiteness, log, progress, validation, checkpoint."""
+    nonlocal final_loss, last_saved
+    step, m = int(state.step), jax.device_get(metrics)
+    if not bool(m["finite"]):
+      manager.wait_until_finished()
+      what = "the loss" if not bool(m["loss_finite"]) else "a bound (or the Adam state)"
+      raise NonFiniteError(step + 1, what, last_saved)
+    final_loss = float(m["loss"])
+    seconds = seconds_before + time.perf_counter() - t0
+    bar.update(step, final_loss)
+    record = None
+    if step % loop.log_every == 0 or step == settings.steps:
+      record = {"step": step, "loss": final_loss, "l_pix": float(m["l_pix"]),
+                "l_feature": float(m["l_feature"]), "lr": float(schedule(step - 1)),
+                "seconds": round(seconds, 3)}
+    if validate is not None and (step % loop.val_every == 0 or step == settings.steps):
+      psnr = validate(state.quant)
+      validation.append({"step": step, "psnr": psnr})
+      record = {**(record or {"step": step}), "val_psnr": psnr}
+      logging.info("DQC step %d: held-out PSNR(Y) %.3f dB", step, psnr)
+    if record is not None:
+      ckpt.append_log(log_path, record)
+    if callback is not None:
+      callback(step, {k: v.item() for k, v in m.items()})
+    if step % loop.checkpoint_every == 0 or step == settings.steps:
+      ckpt.save_checkpoint(manager, state, {
+          "step": step, "steps": settings.steps, "seconds": seconds, "loss": final_loss,
+          "identity": identity, "bounds": tree_to_dict(state.quant)})
+      last_saved = step
+
+  stream = None
+  try:
+    if start < settings.steps:
+      stream = _batches(loop, settings.scale, start, settings.steps - start, mesh)
+    pending = None  # (state, metrics) of the last dispatched step, checked one step later
+    for k in range(start, settings.steps):
+      new_state, metrics = step_fn(state, next(stream), params)
+      if pending is not None:
+        finish(*pending)  # overlaps with step k running on the device
+      # A non-finite step returns its input state, which was donated: keep the returned one.
+      state, pending = new_state, (new_state, metrics)
+      if first_step_seconds is None:
+        jax.block_until_ready(metrics)
+        first_step_seconds = time.perf_counter() - t0
+        t_after_first = time.perf_counter()
+      periodic = (k + 1) % loop.checkpoint_every == 0 or (
+          validate is not None and (k + 1) % loop.val_every == 0)
+      if periodic or k + 1 == settings.steps:
+        finish(*pending)  # needs the state of step k + 1 itself
+        pending = None
+    manager.wait_until_finished()
+  finally:
+    bar.close()
+    if stream is not None:
+      stream.close()
+    manager.close()
+
+  steps_run = settings.steps - start
+  timed = steps_run - 1
+  rate = (timed / (time.perf_counter() - t_after_first)
+          if timed > 0 and t_after_first is not None else float("nan"))
+  if steps_run == 0:
+    logging.info("DQC: checkpoint already at step %d of %d; nothing to train", start,
+                 settings.steps)
+  info = {"steps": settings.steps, "steps_run": steps_run, "seconds": time.perf_counter() - t0,
+          "steps_per_s": rate, "first_step_seconds": first_step_seconds,
+          "final_loss": final_loss, "resumed_from": resumed_from,
+          "devices": [str(d) for d in mesh.devices.flat], "batch_size": loop.batch_size,
+          "loss": settings.loss, "schedule": settings.schedule, "validation": validation}
+  return jax.device_get(state.quant), info
+
+
+def _resume(manager, state: DQCState, identity: Mapping, steps: int, sharding
+            ) -> tuple[DQCState, dict]:
+  """The latest checkpoint's state and meta if there is one (it must be of this run)."""
+  latest = manager.latest_step()
+  if latest is None:
+    return state, {}
+  restored, meta = ckpt.restore_checkpoint(manager, latest, state, sharding)
+  diff = ckpt.identity_mismatch(meta["identity"], identity)
+  if diff:
+    raise ValueError(f"{manager.directory} holds a checkpoint of a different DQC run "
+                     f"(differs in {diff}); delete it or use another workdir")
+  if meta.get("steps") != steps:
+    logging.warning("DQC: checkpoint was made for %s steps, now %d", meta.get("steps"), steps)
+  logging.info("DQC: resuming from the checkpoint of step %d in %s", latest, manager.directory)
+  return restored, meta
+
+
+def _batches(loop: LoopSettings, scale: int, start: int, num_steps: int, mesh: Mesh):
+  """The prefetched, step-indexed stream of uint8 LR batches, sharded along 'data'."""
+  sharding = NamedSharding(mesh, P(DATA_AXIS))
+  source = patches.load_patch_source(loop.calib_root, loop.lr_size * scale)
+  return patches.prefetch_stream(
+      source, loop.seed, start, loop.batch_size, scale=scale, lr_size=loop.lr_size,
+      augment=loop.augment, num_steps=num_steps, buffer=4, num_workers=loop.workers(),
+      put=lambda b: jax.device_put(b["lr"], sharding))

@@ -1,0 +1,241 @@
+"""The DQC train step: a pure function over a `DQCState` (step, bounds, Adam state).
+
+Only the 'quant' collection (the 768 bounds) is trained, with Adam, against the FP teacher.
+The batch is sharded over a 1-D 'data' mesh, the state replicated; XLA inserts the gradient
+all-reduce. `microbatched_value_and_grad` gives the whole-batch loss and gradient in the memory
+of one microbatch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from twodquant_jax.nn.swinir import SwinIR
+from twodquant_jax.ptq.dqc.loss import LOSS_FUNCTIONS, LOSSES, Aux, paper_loss, per_sample_norm
+
+SCHEDULES = ("cosine", "constant")
+DATA_AXIS = "data"
+
+Array = jnp.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class DQCSettings:
+  """What the jitted train step depends on (hashable: one compiled step per distinct value)."""
+  scale: int = 4
+  bits: int = 4
+  steps: int = 3000
+  lr: float = 1e-2
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  schedule: str = "cosine"
+  loss: str = "reference"
+  feature_weight: float = 5.0
+  remat: bool = False
+  microbatch: int = 0  # >0: gradients accumulated over microbatches of at most this size
+  arch: tuple[tuple[str, Any], ...] = ()  # SwinIR keyword overrides (tests: a tiny network)
+
+  def __post_init__(self):
+    if self.loss not in LOSSES:
+      raise ValueError(f"config.dqc.loss must be one of {LOSSES}, got {self.loss!r}")
+    if self.schedule not in SCHEDULES:
+      raise ValueError(f"config.dqc.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+    if self.steps < 1:
+      raise ValueError(f"config.dqc.steps must be >= 1, got {self.steps}")
+    if self.microbatch < 0:
+      raise ValueError(f"config.dqc.microbatch must be >= 0, got {self.microbatch}")
+
+  def model(self, mode: str = "fp") -> SwinIR:
+    """The teacher ('fp') or the student ('quant', rematerialised blocks if `remat`)."""
+    return SwinIR(upscale=self.scale, mode=mode, bits=self.bits,
+                  remat=self.remat and mode == "quant", **dict(self.arch))
+
+
+@flax.struct.dataclass
+class DQCState:
+  """Everything a DQC step changes: the step count, the bounds and Adam's state."""
+  step: Array
+  quant: Any
+  opt_state: Any
+
+
+def make_schedule(settings: DQCSettings) -> optax.Schedule:
+  """Cosine annealing to 0 over `steps` (paper; PyTorch CosineAnnealingLR) or constant (code)."""
+  if settings.schedule == "cosine":
+    return optax.cosine_decay_schedule(settings.lr, decay_steps=settings.steps, alpha=0.0)
+  return optax.constant_schedule(settings.lr)
+
+
+def make_optimizer(settings: DQCSettings) -> optax.GradientTransformation:
+  """Adam as PyTorch defines it (eps outside the sqrt, no weight decay)."""
+  return optax.adam(make_schedule(settings), b1=settings.b1, b2=settings.b2, eps=settings.eps)
+
+
+def init_state(settings: DQCSettings, quant: Mapping) -> DQCState:
+  """Step 0 with the initial (DOBI) bounds and a fresh Adam state."""
+  quant = jax.tree_util.tree_map(jnp.asarray, quant)
+  return DQCState(step=jnp.zeros((), jnp.int32), quant=quant,
+                  opt_state=make_optimizer(settings).init(quant))
+
+
+def _forward_pair(params: Mapping, quant: Mapping, x: Array, settings: DQCSettings):
+  """(out_q, out, feats_q, feats): the student's and the (gradient-free) teacher's outputs."""
+  teacher, student = settings.model("fp"), settings.model("quant")
+  out, feats = jax.lax.stop_gradient(teacher.apply({"params": params}, x, return_features=True))
+  out_q, feats_q = student.apply({"params": params, "quant": quant}, x, return_features=True)
+  return out_q, out, feats_q, feats
+
+
+def distillation_loss(params: Mapping, quant: Mapping, x: Array, settings: DQCSettings
+                      ) -> tuple[Array, Aux]:
+  """DQC loss of the student (bounds `quant`) against the FP teacher on float images x in [0, 1].
+
+  Differentiate w.r.t. `quant` only; the teacher is under stop_gradient.
+  """
+  out_q, out, feats_q, feats = _forward_pair(params, quant, x, settings)
+  return LOSS_FUNCTIONS[settings.loss](out_q, out, feats_q, feats, settings.feature_weight)
+
+
+def _pair_stats(f_q: Array, f: Array) -> Array:
+  """Per-sample (n_q, n, ||d||^2, <d, F>, ||F||^2) of a feature pair, d = F_q - F: (B, 5)."""
+  b = f.shape[0]
+  fq2, f2 = f_q.reshape(b, -1), f.reshape(b, -1)
+  d = fq2 - f2
+  return jnp.stack([per_sample_norm(fq2), per_sample_norm(f2), jnp.sum(d * d, axis=1),
+                    jnp.sum(d * f2, axis=1), jnp.sum(f2 * f2, axis=1)], axis=1)
+
+
+def microbatch_size(batch: int, limit: int) -> int:
+  """The largest divisor of `batch` that is at most `limit` (microbatches must tile the batch)."""
+  return max(d for d in range(1, max(1, min(batch, limit)) + 1) if batch % d == 0)
+
+
+def _tree_add(acc, new):
+  return jax.tree_util.tree_map(jnp.add, acc, new)
+
+
+def microbatched_value_and_grad(params: Mapping, quant: Mapping, x: Array,
+                                settings: DQCSettings) -> tuple[tuple[Array, Aux], Mapping]:
+  """The DQC loss of the whole batch and its gradient, computed microbatch by microbatch.
+
+  Memory is that of one microbatch. The paper loss is a batch mean of per-image terms, so its
+  pieces add up. The reference loss couples the samples only through the detached per-sample
+  norms (its (B, B) broadcast): a first, gradient-free pass collects those, then each
+  microbatch's share of `reference_feature_term`'s expansion is differentiated with the
+  batch-wide coefficients as constants. Values equal the whole-batch loss up to float order.
+  """
+  b = x.shape[0]
+  mb = microbatch_size(b, settings.microbatch)
+  # Microbatch m holds samples m, M+m, 2M+m, ... (M microbatches): with the batch sharded in
+  # contiguous blocks over devices, every microbatch still spans all devices (data parallel).
+  xs = jnp.swapaxes(x.reshape((mb, b // mb) + x.shape[1:]), 0, 1)
+  nf = len(settings.model("fp").depths)  # one feature per RSTB
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, quant)
+  aux0 = {"l_pix": jnp.zeros(()), "l_feature_terms": jnp.zeros(nf), "l_feature": jnp.zeros(())}
+  if settings.loss == "paper":
+    def paper_part(q, xm):
+      loss, aux = paper_loss(*_forward_pair(params, q, xm, settings), settings.feature_weight)
+      w = mb / b
+      return loss * w, jax.tree_util.tree_map(lambda v: v * w, aux)
+    loss_fn = paper_part
+  else:
+    coef = _reference_coefficients(params, quant, xs, settings, nf)
+    loss_fn = functools.partial(_reference_part, params, settings=settings, coef=coef, b=b)
+
+  def body(carry, xm):
+    return _tree_add(carry, jax.value_and_grad(loss_fn, has_aux=True)(quant, xm)), None
+
+  (value, grads), _ = jax.lax.scan(body, ((jnp.zeros(()), aux0), zeros), xs)
+  return value, grads
+
+
+def _reference_coefficients(params, quant, xs, settings, nf) -> Array:
+  """The batch-wide (nf, 3) coefficients of the reference feature term's expansion, from a
+  gradient-free pass over the microbatches (the detached per-sample norms)."""
+  def stats(xm):
+    out_q, out, feats_q, feats = _forward_pair(params, quant, xm, settings)
+    return jnp.stack([_pair_stats(fq, f) for fq, f in zip(feats_q, feats)])  # (nf, mb, 5)
+
+  st = jax.lax.stop_gradient(jax.lax.map(stats, xs))  # (M, nf, mb, 5)
+  st = jnp.moveaxis(st, 1, 0).reshape(nf, -1, 5)
+  n_q, n, dd, df = st[..., 0], st[..., 1], st[..., 2], st[..., 3]
+  a = 1.0 / n_q
+  c = -(2.0 * df + dd) / (n + n_q) / (n * n_q)
+  return jnp.stack([jnp.sum(a * a, 1), 2.0 * jnp.sum(a * c, 1), jnp.sum(c * c, 1)], 1)
+
+
+def _reference_part(params, q, xm, *, settings, coef, b) -> tuple[Array, Aux]:
+  """One microbatch's share of the whole-batch reference loss (coefficients held constant)."""
+  out_q, out, feats_q, feats = _forward_pair(params, q, xm, settings)
+  numel_out = float(b * np.prod(out.shape[1:]))
+  l_pix = jnp.sum(jnp.abs(out_q - out)) / numel_out / numel_out * b
+  terms = []
+  for k, (fq, f) in enumerate(zip(feats_q, feats)):
+    p = _pair_stats(fq, f)
+    numel = float(b * b * np.prod(f.shape[1:]))
+    part = (coef[k, 0] * jnp.sum(p[:, 2]) + coef[k, 1] * jnp.sum(p[:, 3])
+            + coef[k, 2] * jnp.sum(p[:, 4]))
+    terms.append(settings.feature_weight * part / numel / numel)
+  terms = jnp.stack(terms)
+  return l_pix + jnp.sum(terms), {"l_pix": l_pix, "l_feature_terms": terms,
+                                  "l_feature": jnp.sum(terms)}
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D mesh over all (or the given) devices along the batch ('data') axis."""
+  return Mesh(np.asarray(devices if devices is not None else jax.devices()), (DATA_AXIS,))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+  n = mesh.devices.size
+  if batch_size < 1 or batch_size % n:
+    raise ValueError(f"config.dqc.batch_size ({batch_size}) must be a positive multiple of the "
+                     f"number of devices ({n}) for data-parallel DQC")
+
+
+def _all_finite(tree: Any) -> Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
+def train_step(state: DQCState, lr_u8: Array, params: Mapping, settings: DQCSettings
+               ) -> tuple[DQCState, dict[str, Array]]:
+  """One Adam step of the bounds on a uint8 LR batch.
+
+  If the loss or a new bound is non-finite, the returned state is the input state (so it can
+  never be saved) and metrics['finite'] is False.
+  """
+  x = lr_u8.astype(jnp.float32) / 255.0
+  if settings.microbatch and settings.microbatch < x.shape[0]:
+    (loss, aux), grads = microbatched_value_and_grad(params, state.quant, x, settings)
+  else:
+    (loss, aux), grads = jax.value_and_grad(
+        lambda q: distillation_loss(params, q, x, settings), has_aux=True)(state.quant)
+  updates, new_opt = make_optimizer(settings).update(grads, state.opt_state, state.quant)
+  new = DQCState(step=state.step + 1, quant=optax.apply_updates(state.quant, updates),
+                 opt_state=new_opt)
+  loss_ok = jnp.isfinite(loss)
+  ok = loss_ok & _all_finite(new.quant) & _all_finite(new.opt_state)
+  new = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, state)
+  metrics = {"loss": loss, "l_pix": aux["l_pix"], "l_feature": aux["l_feature"],
+             "loss_finite": loss_ok, "finite": ok}
+  return new, metrics
+
+
+@functools.lru_cache(maxsize=8)
+def jit_train_step(settings: DQCSettings, mesh: Mesh) -> Callable:
+  """`train_step` jitted for `mesh`: (state, lr_u8, params) -> (state, metrics); the batch is
+  sharded along 'data', state and params replicated, the state's buffers donated."""
+  repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
+  step = lambda state, lr_u8, params: train_step(state, lr_u8, params, settings)
+  return jax.jit(step, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
+                 donate_argnums=(0,))
