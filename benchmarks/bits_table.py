@@ -25,7 +25,6 @@ from ml_collections import config_flags
 from twodquant_jax import pipeline
 from twodquant_jax.eval import predict as evaluate
 from twodquant_jax.data.benchmarks import load_benchmark
-from twodquant_jax.ptq import names as qnames
 from twodquant_jax.io import bounds_file
 from twodquant_jax.ptq.dobi import calibrate_many
 from twodquant_jax.ptq.methods import LABELS

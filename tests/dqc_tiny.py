@@ -22,7 +22,7 @@ import numpy as np
 
 from twodquant_jax.paths import REPO_ROOT, shared_dir
 from twodquant_jax.ptq import names as qnames
-from twodquant_jax.io import bounds_file
+from twodquant_jax import pipeline
 from twodquant_jax import settings as run_settings
 from twodquant_jax.ptq.dqc import loop as dqc_loop
 from twodquant_jax.ptq.dqc import step as dqc_step
@@ -87,8 +87,10 @@ def as_dict(quant) -> dict[str, np.ndarray]:
 def train(params, quant, config: ml_collections.ConfigDict, workdir, **kwargs):
   """`loop.train` on the tiny network with the settings the pipeline would take from `config`
   (kwargs: mesh, validate, callback, progress)."""
-  return dqc_loop.train(params, quant, run_settings.dqc_settings(config, ARCH),
-                        run_settings.loop_settings(config), workdir, **kwargs)
+  settings = run_settings.dqc_settings(config, ARCH)
+  validate = pipeline.dqc_validator(config, params, settings.model("quant"))
+  return dqc_loop.train(params, quant, settings, run_settings.loop_settings(config), workdir,
+                        validate=validate, **kwargs)
 
 
 def main(argv: list[str]) -> None:

@@ -17,10 +17,13 @@ from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
+from twodquant_jax import figure_inputs, pipeline, settings
+from twodquant_jax.ptq import names as qnames
 from twodquant_jax.report import figures
 from twodquant_jax.data.benchmarks import BenchmarkImage
 from twodquant_jax.data.bicubic import imresize
 from twodquant_jax.data.images import load_rgb, save_png, to_uint8
+from twodquant_jax.eval.metrics import psnr_y
 from twodquant_jax.paths import REPO_ROOT
 
 CONFIGS = ["fp_x2", "fp_x3", "fp_x4"] + [f"x{s}_w{b}" for s in (2, 3, 4) for b in (2, 3, 4)]
@@ -49,7 +52,6 @@ def test_config_module_loads(name):
     assert config.bits == bits
   from twodquant_jax import pipeline
   pipeline.validate(config)
-  assert config.report.calib_patches >= 0
 
 
 def _parse(argv: list[str]) -> flags.FlagValues:
@@ -135,7 +137,10 @@ def test_main_end_to_end_fp(tmp_path, reference, benchmarks):
   d = entry["datasets"]["Set5"]
   assert DATASET_KEYS <= set(d)
   assert d["num_images"] == 2 and set(d["images"]) == {"baby", "bird"}
-  assert d["psnr"] == pytest.approx(np.mean([v["psnr"] for v in d["images"].values()]))
+  for name, v in d["images"].items():  # each score is that of the saved SR against its HR
+    sr = load_rgb(workdir / "sr" / "fp" / "Set5" / f"{name}.png")
+    hr = load_rgb(root / "Set5" / "HR" / f"{name}.png")[:sr.shape[0], :sr.shape[1]]
+    assert v["psnr"] == pytest.approx(psnr_y(sr, hr, 4), abs=1e-9)
   assert all(set(v) == {"psnr", "ssim"} for v in d["images"].values())
 
   md = (workdir / "results.md").read_text()
@@ -207,9 +212,13 @@ def test_figures_from_fake_workdir(tmp_path, reference, benchmarks):
   config.report.visual_images = "Tiny/img,Tiny/missing,Nowhere/img"
   config.data.root = str(tmp_path / "no_benchmarks")
   t0 = time.perf_counter()
-  paths = figures.make_all(config, workdir, results, params=None,
-                           datasets={"Tiny": [BenchmarkImage("img", lr, hr)]})
-  print(f"figures.make_all: {time.perf_counter() - t0:.1f} s")
+  params = pipeline.load_params(config)[0]
+  inputs = figure_inputs.collect(settings.figure_settings(config), workdir, results,
+                                 params=params, calib_lr=pipeline.calibration_batch(config),
+                                 datasets={"Tiny": [BenchmarkImage("img", lr, hr)]})
+  assert sorted(inputs.visuals[0].srs) == ["2dquant", "bicubic", "dobi", "fp"]
+  paths = figures.write_all(inputs, workdir / "figures")
+  print(f"figures: {time.perf_counter() - t0:.1f} s")
   names = sorted(Path(p).name for p in paths)
   hist = [n for n in names if n.startswith("hist_")]
   assert len(hist) == 3
@@ -227,12 +236,14 @@ def test_figures_skip_missing_inputs(tmp_path):
   config.report.visual_images = "Set5/baby"
   config.data.root = str(tmp_path / "none")
   results = {"scale": 4, "bits": 4, "methods": {}}
-  assert figures.make_all(config, tmp_path, results, params={}, datasets={}) == []
+  inputs = figure_inputs.collect(settings.figure_settings(config), tmp_path, results,
+                                 params=None, calib_lr=None, datasets={})
+  assert figures.write_all(inputs, tmp_path / "figures") == []
 
 
 def test_bound_fractions_and_helpers(tmp_path):
   x = np.arange(10, dtype=np.float32).reshape(2, 5)
-  below, upto = figures._bound_fractions(x, np.array([0.0, 2.5], np.float32),
+  below, upto = figure_inputs.bound_fractions(x, np.array([0.0, 2.5], np.float32),
                                          np.array([9.0, 4.0], np.float32))
   np.testing.assert_allclose(below, [0.0, 0.3])  # min -> 0 %: nothing is clipped up
   np.testing.assert_allclose(upto, [1.0, 0.5])  # max -> 100 %
@@ -242,9 +253,9 @@ def test_bound_fractions_and_helpers(tmp_path):
   y, x0 = figures.best_crop(img, 10)
   assert (y, x0) == (20, 35)
 
-  order = figures.quantizer_order()
+  order = qnames.quantizer_order()
   assert len(order) == len(set(order)) == 384
-  kinds = [figures.quantizer_kind(n) for n in order]
+  kinds = [qnames.quantizer_kind(n) for n in order]
   assert (kinds.count("weight"), kinds.count("activation"),
           kinds.count("attention BMM operand")) == (144, 144, 96)
 
@@ -253,4 +264,4 @@ def test_bound_fractions_and_helpers(tmp_path):
   (tmp_path / "bounds.json").write_text(json.dumps({"bounds": {}}))
   (tmp_path / "bounds_minmax.json").write_text("{}")
   (tmp_path / "bounds_2dquant.json").write_text("{}")
-  assert list(figures.bound_files(tmp_path, config)) == ["minmax", "dobi", "2dquant"]
+  assert list(figure_inputs.bound_files(tmp_path, config.method)) == ["minmax", "dobi", "2dquant"]

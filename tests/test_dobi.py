@@ -12,9 +12,14 @@ from twodquant_jax.eval.predict import Predictor
 from twodquant_jax.nn.swinir import SwinIR
 from twodquant_jax.ptq import names as qnames
 from twodquant_jax.io import bounds_file
-from twodquant_jax.ptq.dobi import CalibSettings, calibrate
+from twodquant_jax.ptq.dobi import CalibSettings, calibrate_many
 
 CASES = [(4, 4), (2, 2), (3, 3)]  # the `_b4` reference files: DOBI on calib lr[:4]
+
+
+def calibrate_one(params, scale, bits, lr, cfg):
+  """One bound initialisation: calibrate_many with a single entry."""
+  return calibrate_many(params, scale, lr, {"_": (bits, cfg)})["_"]
 
 
 def _setup(reference, scale, bits):
@@ -34,7 +39,7 @@ def calibrated(reference):
   for scale, bits in CASES:
     fp, qm, params, like = _setup(reference, scale, bits)
     lr = np.load(reference / f"calib_x{scale}.npz")["lr"][:4]
-    quant, info = calibrate(params, scale, bits, lr, CalibSettings(strategy="reference",
+    quant, info = calibrate_one(params, scale, bits, lr, CalibSettings(strategy="reference",
                                                                    tie="first"))
     out[(scale, bits)] = (fp, qm, params, like, quant, info)
   return out
@@ -75,6 +80,8 @@ def test_quantized_forward_matches_authors(reference, scale, bits):
     err_q = np.abs(pq.predict([lr])[0] - out[f"{name}_sr_q"])
     quant_effect = np.abs(out[f"{name}_sr_q"] - out[f"{name}_sr_fp"]).mean()
     assert np.median(err_q) <= 1e-6, f"{name}: systematic difference"
+    # Measured: mean <= 1.7e-4 (our own 1e-7 input perturbation: 1.4e-4); max 4.5e-3, from a
+    # rare .5-tie flip of one code, hence 2e-4 and 1e-2.
     assert err_q.mean() <= 2e-4 and err_q.mean() < quant_effect / 20
     assert err_q.max() <= 1e-2
 
@@ -127,9 +134,9 @@ def test_baselines_and_paper_strategy(reference, calibrated):
   reference one only by keeping the minimum as lower bound of the one-sided tensors."""
   _, _, params, _, ref_quant, _ = calibrated[(4, 4)]
   lr = np.load(reference / "calib_x4.npz")["lr"][:4]
-  mm, _ = calibrate(params, 4, 4, lr, CalibSettings(method="minmax"))
-  paper, _ = calibrate(params, 4, 4, lr, CalibSettings(strategy="paper", tie="first"))
-  pct, _ = calibrate(params, 4, 4, lr, CalibSettings(method="percentile", percentile_low=1,
+  mm, _ = calibrate_one(params, 4, 4, lr, CalibSettings(method="minmax"))
+  paper, _ = calibrate_one(params, 4, 4, lr, CalibSettings(strategy="paper", tie="first"))
+  pct, _ = calibrate_one(params, 4, 4, lr, CalibSettings(method="percentile", percentile_low=1,
                                                      percentile_high=99))
   mm, paper, pct, ref = map(qnames.tree_to_dict, (mm, paper, pct, ref_quant))
   for name in mm:

@@ -20,6 +20,8 @@ import numpy as np
 import pytest
 
 import dqc_tiny
+from twodquant_jax import settings as run_settings
+from twodquant_jax.data import patches
 from twodquant_jax.io import convert
 from twodquant_jax.nn.swinir import SwinIR
 from twodquant_jax.paths import REPO_ROOT
@@ -271,7 +273,7 @@ def test_kill_and_resume_matches_uninterrupted(tiny, uninterrupted, tmp_path):
   assert 25 <= killed_at < 40
 
   final, info = dqc_tiny.train(*tiny, dqc_tiny.tiny_config(40, 4), workdir)
-  assert info["resumed_from"] is not None and 20 <= info["resumed_from"] <= killed_at
+  assert 20 <= info["resumed_from"] <= killed_at
   assert info["steps_run"] == 40 - info["resumed_from"]
   assert _log_steps(workdir) == list(range(1, 41))  # the killed run's extra lines are dropped
   expected = uninterrupted[0]
@@ -354,3 +356,30 @@ def test_microbatches_equal_whole_batch(loss):
   assert np.abs(gw).max() > 0
   np.testing.assert_allclose(gm, gw, rtol=1e-4, atol=1e-5 * np.abs(gw).max())
   assert [dqc_step.microbatch_size(b, m) for b, m in [(32, 8), (12, 8), (5, 2), (4, 8)]] == [8, 6, 1, 4]
+
+
+def test_loss_falls_and_every_bound_group_moves(tiny, uninterrupted):
+  """DQC learns: over 40 steps the loss on a held-out batch falls and every kind of bound (weight / activation /
+  attention operand, lower and upper) is trained. A broken gradient path (e.g. the STE or the
+  bound gradients zeroed, or the optimizer not applied) fails here."""
+  final, _, _ = uninterrupted
+  params, quant0 = tiny
+  config = dqc_tiny.tiny_config(40, 4)
+  source = patches.load_patch_source(config.calib.root, config.calib.lr_size * dqc_tiny.SCALE)
+  held_out = patches.sample_batch(source, 99, 0, 16, scale=dqc_tiny.SCALE,
+                                  lr_size=config.calib.lr_size)["lr"].astype(np.float32) / 255.0
+  settings = run_settings.dqc_settings(config, dqc_tiny.ARCH)
+  loss = jax.jit(lambda q: dqc_step.distillation_loss(params, q, held_out, settings)[0])
+  before, after = float(loss(quant0)), float(loss(qnames.dict_to_tree(final)))
+  # Measured: 2.01e-5 -> 1.18e-5 (0.59x) on this held-out batch (seed 99, never trained on).
+  assert after < 0.8 * before, (before, after)
+  initial = dqc_tiny.as_dict(tiny[1])
+  groups: dict[tuple[str, int], list[float]] = {}
+  for name, b0 in initial.items():
+    for side in (0, 1):
+      rel = abs(final[name][side] - b0[side]) / max(abs(b0[1] - b0[0]), 1e-12)
+      groups.setdefault((qnames.quantizer_kind(name), side), []).append(float(rel))
+  assert len(groups) == 6, sorted(groups)
+  for group, moves in groups.items():
+    moved = np.mean(np.asarray(moves) > 1e-4)
+    assert moved >= 0.5, (group, moved)  # most bounds of every group were trained

@@ -50,7 +50,7 @@ def test_flip_pad_matches_basicsr_rule():
   np.testing.assert_array_equal(out[5:8, :6], img[::-1][:3])  # rows 4, 3, 2
   np.testing.assert_array_equal(out[:, 6:8], out[:, :6][:, ::-1][:, :2])
   same = np.zeros((16, 8, 3))
-  assert flip_pad(same, 8) is not None and flip_pad(same, 8).shape == (16, 8, 3)
+  assert flip_pad(same, 8).shape == (16, 8, 3)
   tiny = np.arange(2 * 3).reshape(2, 3, 1)  # smaller than half the padding: mirror repeats
   assert flip_pad(tiny, 8).shape == (8, 8, 1)
 

@@ -7,6 +7,7 @@ benchmarks -> SR images -> PSNR/SSIM -> results.json / results.md / figures in t
 
 from __future__ import annotations
 
+import functools
 import json
 import platform
 import sys
@@ -20,6 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from twodquant_jax import figure_inputs
 from twodquant_jax import settings as run_settings
 from twodquant_jax.data import patches
 from twodquant_jax.data.benchmarks import load_benchmark
@@ -32,6 +34,7 @@ from twodquant_jax.ptq import methods as method_registry
 from twodquant_jax.ptq import names as qnames
 from twodquant_jax.ptq.dobi import calibrate_many
 from twodquant_jax.ptq.dqc import loop as dqc_loop
+from twodquant_jax.report import figures
 from twodquant_jax.report import tables as report
 from twodquant_jax.settings import calib_settings, dataset_names, methods_of, validate
 
@@ -72,13 +75,20 @@ def sr_predictor(config: ml_collections.ConfigDict, params: dict, quant: dict | 
                             variables=variables)
 
 
-def evaluate_method(config, method: str, predict, datasets: dict, workdir: Path) -> dict:
+def evaluate_method(config, method: str, predict, datasets: dict, workdir: Path,
+                    kept: dict | None = None) -> dict:
+  """PSNR/SSIM of `method` on every dataset; SR images are saved (eval.save_sr) and those of
+  the visual-comparison images kept in `kept[(dataset, image)][method]` for the figures."""
   out = {}
+  keep = set(run_settings.figure_settings(config).visual_images) if kept is not None else set()
   for name, images in datasets.items():
-    on_image = None
-    if config.eval.save_sr:
-      folder = workdir / "sr" / method / name
-      on_image = lambda img, sr, folder=folder: save_png(folder / f"{img.name}.png", sr)
+    folder = workdir / "sr" / method / name
+
+    def on_image(img, sr, folder=folder, name=name):
+      if config.eval.save_sr:
+        save_png(folder / f"{img.name}.png", sr)
+      if (name, img.name) in keep:
+        kept.setdefault((name, img.name), {})[method] = sr
     res = evaluate.evaluate_images(predict, images, config.scale, chunk=config.eval.batch_size,
                                    progress=_progress(config), desc=f"{method} {name}",
                                    on_image=on_image)
@@ -121,7 +131,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) ->
         "bits": config.bits, "methods": {}, "environment": _environment(),
         "ratios": ratios.ratios(params, SwinIR(upscale=config.scale), config.bits),
     }
-    bounds = _initial_bounds(config, params, ckpt_bounds, results)
+    calib_lr = functools.cache(lambda: calibration_batch(config))
+    bounds = _initial_bounds(config, params, ckpt_bounds, results, calib_lr)
+    kept: dict = {} if config.report.figures else None
     for method in methods_of(config):
       t0 = time.perf_counter()
       entry = results["methods"].setdefault(method, {})
@@ -138,18 +150,32 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) ->
         if quant is not None:
           entry["bounds_file"] = _save_bounds(config, workdir, method, quant)
         predict = sr_predictor(config, params, quant).predict
-      entry["datasets"] = evaluate_method(config, method, predict, datasets, workdir)
+      entry["datasets"] = evaluate_method(config, method, predict, datasets, workdir, kept)
       entry["seconds"] = time.perf_counter() - t0
       results["seconds_total"] = time.perf_counter() - t_start
       write_results(workdir, results)
     if config.report.figures:
-      report.make_figures(config, workdir, results, params=params, datasets=datasets)
+      make_figures(config, workdir, results, params, datasets, calib_lr, kept)
   results["seconds_total"] = time.perf_counter() - t_start
   write_results(workdir, results)
   return results
 
 
-def _initial_bounds(config, params, ckpt_bounds, results) -> dict[str, dict]:
+def make_figures(config: ml_collections.ConfigDict, workdir: Path, results: dict, params: dict,
+                 datasets: dict, calib_lr, kept: dict | None = None) -> list[str]:
+  """Hands what the run computed to the report figures (<workdir>/figures/*.png)."""
+  try:
+    lr = calib_lr()
+  except (OSError, ValueError) as e:
+    logging.info("figures: no calibration batch (%s)", e)
+    lr = None
+  inputs = figure_inputs.collect(run_settings.figure_settings(config), workdir, results,
+                                 params=params, calib_lr=lr, datasets=datasets,
+                                 default_method=config.method, kept_srs=kept)
+  return figures.write_all(inputs, workdir / "figures")
+
+
+def _initial_bounds(config, params, ckpt_bounds, results, calib_lr) -> dict[str, dict]:
   """Bounds before DQC for the methods to run: loaded from a file or the checkpoint when given,
   else MinMax / Percentile / DOBI (also DOBI for 2DQuant) from ONE capture pass of the FP model
   on the calibration batch. Records where they came from in results['methods']."""
@@ -175,7 +201,7 @@ def _initial_bounds(config, params, ckpt_bounds, results) -> dict[str, dict]:
   init = sorted(wanted - {"2dquant"})
   if not init:
     return bounds
-  calibrated = calibrate_many(params, config.scale, calibration_batch(config),
+  calibrated = calibrate_many(params, config.scale, calib_lr(),
                               {m: (config.bits, calib_settings(config, m)) for m in init},
                               progress=_progress(config))
   for m, (quant, info) in calibrated.items():
@@ -187,19 +213,22 @@ def _initial_bounds(config, params, ckpt_bounds, results) -> dict[str, dict]:
   return bounds
 
 
+def dqc_validator(config: ml_collections.ConfigDict, params: dict, model: SwinIR):
+  """bounds -> held-out PSNR on `dqc.val_root` images, or None when no folder is set."""
+  if not config.dqc.val_root:
+    return None
+  images = validation.load_validation_images(config.dqc.val_root, config.scale,
+                                             int(config.dqc.val_images), int(config.dqc.val_crop))
+  return lambda quant: validation.validate_psnr(params, quant, images, model)
+
+
 def run_dqc(config: ml_collections.ConfigDict, params: dict, quant0: dict, workdir: Path
             ) -> tuple[dict, dict]:
   """DQC from the DOBI bounds, with held-out validation when `dqc.val_root` is set."""
   settings = run_settings.dqc_settings(config)
-  validate_fn = None
-  if config.dqc.val_root:
-    images = validation.load_validation_images(config.dqc.val_root, config.scale,
-                                               int(config.dqc.val_images),
-                                               int(config.dqc.val_crop))
-    model = settings.model("quant")
-    validate_fn = lambda quant: validation.validate_psnr(params, quant, images, model)
   return dqc_loop.train(params, quant0, settings, run_settings.loop_settings(config), workdir,
-                        progress=_progress(config), validate=validate_fn)
+                        progress=_progress(config),
+                        validate=dqc_validator(config, params, settings.model("quant")))
 
 
 def _save_bounds(config, workdir: Path, method: str, quant: dict) -> str:

@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from twodquant_jax.figure_inputs import FigureSettings
 from twodquant_jax.ptq import methods as method_registry
 from twodquant_jax.ptq.dobi import CalibSettings
 from twodquant_jax.ptq.dqc.loop import LoopSettings
@@ -65,6 +66,21 @@ def loop_settings(config: ml_collections.ConfigDict) -> LoopSettings:
                       val_every=int(d.val_every), data_workers=int(d.data_workers))
 
 
+def figure_settings(config: ml_collections.ConfigDict) -> FigureSettings:
+  """The `report.*` settings, parsed: 'a,b' quantizer lists and 'dataset/image' entries."""
+  split = lambda v: [p.strip() for p in str(v or "").split(",") if p.strip()]
+  visuals = []
+  for item in split(config.report.visual_images):
+    if "/" not in item:
+      raise ValueError(f"config.report.visual_images: {item!r} is not <dataset>/<image>")
+    visuals.append(tuple(item.split("/", 1)))
+  return FigureSettings(scale=int(config.scale), bits=int(config.bits),
+                        hist_quantizers=tuple(split(config.report.hist_quantizers)),
+                        visual_images=tuple(visuals),
+                        calib_patches=int(config.report.calib_patches),
+                        eval_batch_size=int(config.eval.batch_size))
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError (one line, naming the field) for any bad setting, before any work."""
   if config.scale not in (2, 3, 4):
@@ -81,6 +97,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.calib.num_patches must be >= 1, got {config.calib.num_patches}")
     for m in quantized:
       calib_settings(config, m)
+  if config.report.figures:
+    figure_settings(config)
   if "2dquant" in methods and not config.model.bounds:
     dqc_settings(config)
     loop_settings(config)

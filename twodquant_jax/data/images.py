@@ -115,14 +115,6 @@ def mod_crop(img: np.ndarray, scale: int) -> np.ndarray:
   return img[:h - h % scale, :w - w % scale, ...]
 
 
-def to_float(img: np.ndarray) -> np.ndarray:
-  """uint8 [0, 255] -> float32 [0, 1] (the network's input range)."""
-  img = np.asarray(img)
-  if img.dtype != np.uint8:
-    raise ValueError(f"to_float expects uint8, got {img.dtype}.")
-  return img.astype(np.float32) / np.float32(255.0)
-
-
 def to_uint8(x: np.ndarray) -> np.ndarray:
   """Float [0, 1] -> uint8: clip, scale by 255, round half to even (BasicSR's tensor2img).
 

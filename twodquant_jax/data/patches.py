@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 import queue
 import threading
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 from absl import logging
 import numpy as np
@@ -196,39 +196,6 @@ def calibration_batch(source: PatchSource, seed: int, *, scale: int, batch_size:
   """DOBI's calibration batch: the first (step 0) batch of the DQC stream (SPEC section 5)."""
   return sample_batch(source, seed, 0, batch_size, scale=scale, lr_size=lr_size,
                       augment=augment)
-
-
-def parse_source_entry(entry: str) -> tuple[str, int, int]:
-  """Splits a ``file:y:x`` crop record (as in the reference ``calib_x{s}.npz``)."""
-  parts = str(entry).rsplit(":", 2)
-  try:
-    name, y, x = parts
-    return name, int(y), int(x)
-  except ValueError as e:
-    raise ValueError(f"Bad crop record {entry!r}: expected 'file:y:x' with integer y, x.") from e
-
-
-def batch_from_sources(folder: PathLike, sources: Sequence[str], *, scale: int,
-                       lr_size: int = 64) -> Batch:
-  """Rebuilds a batch from ``file:y:x`` records: plain HR crops (no augmentation) + bicubic LR.
-
-  Returns:
-    dict(lr=uint8 (N, lr_size, lr_size, 3), hr=uint8 (N, lr_size*s, lr_size*s, 3)).
-  """
-  hr_size = _check_sizes(scale, lr_size, max(len(sources), 1))
-  folder = Path(folder)
-  cache: dict[str, np.ndarray] = {}
-  lrs, hrs = [], []
-  for entry in sources:
-    name, y, x = parse_source_entry(entry)
-    if name not in cache:
-      cache[name] = load_rgb(folder / name)
-    lr, hr = make_patch_pair(cache[name], y, x, hr_size, scale)
-    lrs.append(lr)
-    hrs.append(hr)
-  if not lrs:
-    raise ValueError("batch_from_sources needs at least one 'file:y:x' record.")
-  return {"lr": np.stack(lrs), "hr": np.stack(hrs)}
 
 
 def _check_image_stack(arr: np.ndarray, key: str, path: Path) -> None:

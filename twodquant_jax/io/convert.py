@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 from absl import logging
 
-from twodquant_jax.ptq.names import path_from_name
+from twodquant_jax.ptq.names import BOUND_KEY, QUANTIZER_STATE, path_from_name
 from twodquant_jax.io.torch_pickle import CheckpointError, load_pth
 
 RELEASE = "https://github.com/JingyunLiang/SwinIR/releases/download/v0.0/"
@@ -34,7 +34,6 @@ OFFICIAL = {
         "09fad24e32ae62722e1a055efde9921328f4137981bab0a42a4a3a806306c58e"),
 }
 _BUFFERS = re.compile(r"(attn_mask|relative_position_index)$")
-_QUANT_KEY = re.compile(r"^(.*(?:_quantizer|mymodule_[qkva]))\.(lower_bound|upper_bound)$")
 _SPLIT_QKV = re.compile(r"^(.*\.attn\.qkv)\.([qkv])\.(weight|bias)$")
 
 
@@ -183,11 +182,11 @@ def split_quant_bounds(sd: Mapping[str, np.ndarray]
   """
   rest, bounds = {}, {}
   for k, v in sd.items():
-    m = _QUANT_KEY.match(k)
+    m = BOUND_KEY.match(k)
     if m:
       bounds.setdefault(m.group(1), [None, None])[m.group(2) == "upper_bound"] = float(
           np.asarray(v).reshape(-1)[0])
-    elif re.search(r"(_quantizer|mymodule_[qkva])\.", k):
+    elif QUANTIZER_STATE.search(k):
       continue
     else:
       rest[k] = v

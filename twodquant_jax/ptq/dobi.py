@@ -10,7 +10,6 @@ Going RSTB by RSTB keeps memory at a quarter of the captured tensors (32 patches
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 from typing import Iterator, Mapping
 
@@ -21,12 +20,11 @@ from tqdm import tqdm
 
 from twodquant_jax.nn.swinir import SwinIR, variable_shapes
 from twodquant_jax.ptq import search
-from twodquant_jax.ptq.names import (dict_to_tree, is_one_sided, is_weight, leaves_by_name,
-                                     quant_names)
+from twodquant_jax.ptq.names import (dict_to_tree, is_bmm_operand, is_one_sided, is_weight,
+                                     leaves_by_name, quant_names, shared_input_of)
 from twodquant_jax.nn.layers import CALIB
 
 METHODS = ("minmax", "percentile", "dobi")
-_BMM_OPERAND = re.compile(r"\.mymodule_[qkv]$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +60,7 @@ def torch_order(name: str, x: jnp.ndarray) -> np.ndarray:
   x = np.asarray(x)
   if is_weight(name):
     return x.T
-  if _BMM_OPERAND.search(name):
+  if is_bmm_operand(name):
     return x.transpose(0, 2, 1, 3)
   return x
 
@@ -89,14 +87,6 @@ def bounds_for(x: jnp.ndarray, name: str, bits: int, cfg: CalibSettings) -> jnp.
   return search.dobi_bounds(x, bits, num_candidates=cfg.num_candidates,
                             direction="one_sided" if one_sided else "symmetric",
                             one_sided_step="paper", tie=cfg.tie, method=impl)
-
-
-def _shared_input_of(name: str) -> str | None:
-  """k and v input quantizers see the very tensor the q one sees (the LayerNorm output)."""
-  for part in (".qkv.k.act_quantizer", ".qkv.v.act_quantizer"):
-    if name.endswith(part):
-      return name[: -len(part)] + ".qkv.q.act_quantizer"
-  return None
 
 
 def iter_captured(params: Mapping, scale: int, lr: np.ndarray
@@ -148,8 +138,8 @@ def calibrate_many(params: Mapping, scale: int, lr: np.ndarray,
     for key, (bits, cfg) in settings.items():
       ts = time.perf_counter()
       out = bounds[key]
-      for name in sorted(inputs, key=lambda n: _shared_input_of(n) is not None):
-        shared = _shared_input_of(name)
+      for name in sorted(inputs, key=lambda n: shared_input_of(n) is not None):
+        shared = shared_input_of(name)
         if shared is not None and shared in out:
           out[name] = out[shared]
         else:
@@ -168,12 +158,3 @@ def calibrate_many(params: Mapping, scale: int, lr: np.ndarray,
             "num_patches": int(lr.shape[0]), "settings": dataclasses.asdict(cfg)}
     results[key] = (dict_to_tree(bounds[key]), info)
   return results
-
-
-def calibrate(params: Mapping, scale: int, bits: int, lr: np.ndarray, cfg: CalibSettings,
-              *, progress: bool = False) -> tuple[dict, dict]:
-  """Bounds of all 384 quantizers from the uint8 LR calibration batch (N, h, w, 3).
-
-  Returns (the 'quant' collection, info with timings).
-  """
-  return calibrate_many(params, scale, lr, {"_": (bits, cfg)}, progress=progress)["_"]

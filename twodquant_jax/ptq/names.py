@@ -19,6 +19,50 @@ QuantTree = Mapping  # the 'quant' variable collection
 _INDEXED = re.compile(r"^(layers|blocks)_(\d+)$")
 _ONE_SIDED = re.compile(r"(\.mymodule_a|\.mlp\.fc2\.act_quantizer)$")
 _WEIGHT = re.compile(r"\.weight_quantizer$")
+_BMM_OPERAND = re.compile(r"\.mymodule_[qkv]$")
+# A quantizer's state-dict entry in the authors' quantized checkpoints (net_Q_*.pth).
+BOUND_KEY = re.compile(r"^(.*(?:_quantizer|mymodule_[qkva]))\.(lower_bound|upper_bound)$")
+QUANTIZER_STATE = re.compile(r"(_quantizer|mymodule_[qkva])\.")
+
+# The 16 quantizers of one Swin block, in the released code's module order.
+BLOCK_QUANTIZERS = (
+    "attn.qkv.q.weight_quantizer", "attn.qkv.q.act_quantizer",
+    "attn.qkv.k.weight_quantizer", "attn.qkv.k.act_quantizer",
+    "attn.qkv.v.weight_quantizer", "attn.qkv.v.act_quantizer",
+    "attn.proj.weight_quantizer", "attn.proj.act_quantizer",
+    "attn.mymodule_q", "attn.mymodule_k", "attn.mymodule_v", "attn.mymodule_a",
+    "mlp.fc1.weight_quantizer", "mlp.fc1.act_quantizer",
+    "mlp.fc2.weight_quantizer", "mlp.fc2.act_quantizer",
+)
+KINDS = ("weight", "activation", "attention BMM operand")
+
+
+def quantizer_order(num_layers: int = 4, num_blocks: int = 6) -> list[str]:
+  """All quantizer names in the released code's order (index 0..383 for SwinIR-light)."""
+  return [f"layers.{i}.residual_group.blocks.{j}.{q}" for i in range(num_layers)
+          for j in range(num_blocks) for q in BLOCK_QUANTIZERS]
+
+
+def quantizer_kind(name: str) -> str:
+  """'weight', 'activation' (a linear's input) or 'attention BMM operand' (q, k, v, softmax)."""
+  if is_weight(name):
+    return "weight"
+  if ".mymodule_" in name:
+    return "attention BMM operand"
+  return "activation"
+
+
+def is_bmm_operand(name: str) -> bool:
+  """q, k or v of the attention BMMs (not the softmax map)."""
+  return bool(_BMM_OPERAND.search(name))
+
+
+def shared_input_of(name: str) -> str | None:
+  """k and v input quantizers see the very tensor the q one sees (the LayerNorm output)."""
+  for part in (".qkv.k.act_quantizer", ".qkv.v.act_quantizer"):
+    if name.endswith(part):
+      return name[: -len(part)] + ".qkv.q.act_quantizer"
+  return None
 
 
 def name_from_path(path: tuple[str, ...]) -> str:

@@ -1,6 +1,8 @@
-"""Report figures (PNG) for a workdir: what the bounds look like and what they do to images.
+"""Report figures (PNG): what the bounds look like and what they do to images.
 
-`make_all` writes into `<workdir>/figures/`:
+Reporting receives what the run computed (`FigureInputs`: bounds, tensor histograms and
+percentiles, SR crops, the DQC log) and never calls back into the pipeline; `write_all` writes
+into `<workdir>/figures/`:
   hist_<quantizer>.png    histograms (log-y) of the FP tensors some quantizers see on the
                           calibration batch, with every available method's bounds (paper Fig. 4);
   bound_percentiles.png   for all 384 quantizers, the percentile of the lower and upper bound in
@@ -13,55 +15,28 @@ object API on an Agg canvas (no pyplot, no display, no global backend switch).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from twodquant_jax.ptq.methods import LABELS
+from twodquant_jax.ptq.methods import LABELS, QUANTIZED
+from twodquant_jax.ptq.names import KINDS, quantizer_kind, quantizer_order
 
-# The 16 quantizers of one Swin block, in the released code's module order.
-BLOCK_QUANTIZERS = (
-    "attn.qkv.q.weight_quantizer", "attn.qkv.q.act_quantizer",
-    "attn.qkv.k.weight_quantizer", "attn.qkv.k.act_quantizer",
-    "attn.qkv.v.weight_quantizer", "attn.qkv.v.act_quantizer",
-    "attn.proj.weight_quantizer", "attn.proj.act_quantizer",
-    "attn.mymodule_q", "attn.mymodule_k", "attn.mymodule_v", "attn.mymodule_a",
-    "mlp.fc1.weight_quantizer", "mlp.fc1.act_quantizer",
-    "mlp.fc2.weight_quantizer", "mlp.fc2.act_quantizer",
-)
-KINDS = ("weight", "activation", "attention BMM operand")
 KIND_COLORS = {"weight": "tab:blue", "activation": "tab:orange",
                "attention BMM operand": "tab:green"}
-METHOD_ORDER = ("minmax", "percentile", "dobi", "2dquant")
+METHOD_ORDER = QUANTIZED  # the quantized methods, in the paper's row order
 METHOD_STYLES = {"minmax": ("tab:gray", ":"), "percentile": ("tab:purple", "-."),
                  "dobi": ("tab:blue", "--"), "2dquant": ("tab:red", "-")}
 HIST_BINS = 200
 CROP_FRACTION = 0.5  # crop side / shorter image side: about a quarter of the image area
-
-
-def quantizer_order(num_layers: int = 4, num_blocks: int = 6) -> list[str]:
-  """All quantizer names in the released code's order (index 0..383 for SwinIR-light)."""
-  return [f"layers.{i}.residual_group.blocks.{j}.{q}" for i in range(num_layers)
-          for j in range(num_blocks) for q in BLOCK_QUANTIZERS]
-
-
-def quantizer_kind(name: str) -> str:
-  """'weight', 'activation' (a linear's input) or 'attention BMM operand' (q, k, v, softmax)."""
-  if name.endswith(".weight_quantizer"):
-    return "weight"
-  if ".mymodule_" in name:
-    return "attention BMM operand"
-  return "activation"
 
 
 def _label(method: str) -> str:
@@ -74,127 +49,6 @@ def _save(fig: Figure, path: Path) -> str:
   fig.savefig(path, dpi=110)
   logging.info("figure: wrote %s", path)
   return str(path)
-
-
-# ---------------------------------------------------------------------------------------------
-# Inputs found in the workdir.
-
-
-def bound_files(workdir: str | Path, config: ml_collections.ConfigDict,
-                results: Mapping | None = None) -> dict[str, Path]:
-  """{method: bounds file} for the bounds in the workdir, in METHOD_ORDER.
-
-  `bounds_<method>.json` names its method; `bounds.json` says it in its meta (else it is the
-  configured method's). A method's `bounds_file` entry in results.json wins.
-  """
-  workdir = Path(workdir)
-  found: dict[str, Path] = {}
-  for path in sorted(workdir.glob("bounds*.json")):
-    if path.name == "bounds.json":
-      try:
-        meta = json.loads(path.read_text()).get("meta") or {}
-      except (json.JSONDecodeError, AttributeError):
-        meta = {}
-      method = meta.get("method") or config.method
-    else:
-      method = path.stem[len("bounds_"):]
-    found.setdefault(method, path)
-  for method, entry in ((results or {}).get("methods") or {}).items():
-    f = entry.get("bounds_file") if isinstance(entry, Mapping) else None
-    if f and (workdir / f).is_file():
-      found[method] = workdir / f
-  order = {m: k for k, m in enumerate(METHOD_ORDER)}
-  return dict(sorted(found.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
-
-
-def load_bound_dicts(files: Mapping[str, Path]) -> dict[str, dict[str, list[float]]]:
-  """{method: {quantizer: [lower, upper]}}; unreadable files are skipped with a note."""
-  from twodquant_jax.ptq import names as qnames
-  from twodquant_jax.io import bounds_file
-  out = {}
-  for method, path in files.items():
-    try:
-      out[method] = qnames.tree_to_dict(bounds_file.load_bounds(path))
-    except (OSError, ValueError) as e:
-      logging.warning("figures: skipping bounds %s (%s)", path, e)
-  return out
-
-
-def calibration_lr(config: ml_collections.ConfigDict) -> np.ndarray | None:
-  """The first `report.calib_patches` LR patches of the calibration batch, or None if absent."""
-  from twodquant_jax import pipeline
-  try:
-    lr = pipeline.calibration_batch(config)
-  except (OSError, ValueError) as e:
-    logging.info("figures: no calibration batch (%s)", e)
-    return None
-  n = int(config.report.get("calib_patches", 4) or 0)
-  return lr[:n] if n > 0 else lr
-
-
-def read_dqc_log(path: str | Path) -> list[dict[str, Any]]:
-  """The records of dqc_log.jsonl (lines cut by a kill are dropped), sorted by step."""
-  records = []
-  for line in Path(path).read_text().splitlines():
-    try:
-      rec = json.loads(line)
-    except json.JSONDecodeError:
-      continue
-    if isinstance(rec, dict) and "step" in rec:
-      records.append(rec)
-  return sorted(records, key=lambda r: r["step"])
-
-
-# ---------------------------------------------------------------------------------------------
-# Statistics of the captured FP tensors, one RSTB at a time.
-
-
-@jax.jit
-def _bound_fractions(x: jnp.ndarray, lowers: jnp.ndarray, uppers: jnp.ndarray
-                     ) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """Share of the elements of x below each lower bound (clipped up) and at or below each upper
-  bound (not clipped down): the bounds' percentiles, exact integer counts."""
-  flat = x.reshape(-1)
-  below = jax.lax.map(lambda v: jnp.sum(flat < v, dtype=jnp.int32), lowers)
-  upto = jax.lax.map(lambda v: jnp.sum(flat <= v, dtype=jnp.int32), uppers)
-  return below.astype(jnp.float32) / flat.size, upto.astype(jnp.float32) / flat.size
-
-
-def tensor_stats(params: Mapping, config: ml_collections.ConfigDict, lr: np.ndarray,
-                 bounds: Mapping[str, Mapping[str, Sequence[float]]],
-                 hist_names: Iterable[str], hist_bounds: Mapping | None = None
-                 ) -> tuple[dict, dict]:
-  """One streamed pass over the captured FP tensors.
-
-  Returns (hists, percentiles): hists[name] = {'counts', 'edges', 'min', 'max', 'numel'} for
-  `hist_names` (bins span the data and every bound of `hist_bounds`, default `bounds`);
-  percentiles[method][name] = (percentile of the lower bound, of the upper bound) for the
-  methods of `bounds`: the share (%) of elements below l (clipped up), and at or below u.
-  """
-  hist_bounds = bounds if hist_bounds is None else hist_bounds
-  from twodquant_jax.ptq import dobi
-  hist_names = set(hist_names)
-  hists: dict[str, dict] = {}
-  pct: dict[str, dict[str, tuple[float, float]]] = {m: {} for m in bounds}
-  for _, captured, _ in dobi.iter_captured(params, config.scale, lr):
-    for name, x in captured.items():
-      methods = [m for m in bounds if name in bounds[m]]
-      if methods:
-        below, upto = _bound_fractions(x, jnp.asarray([bounds[m][name][0] for m in methods]),
-                                       jnp.asarray([bounds[m][name][1] for m in methods]))
-        below, upto = np.asarray(below) * 100.0, np.asarray(upto) * 100.0
-        for k, m in enumerate(methods):
-          pct[m][name] = (float(below[k]), float(upto[k]))
-      if name in hist_names:
-        lo, hi = float(jnp.min(x)), float(jnp.max(x))
-        span = [lo, hi] + [v for b in hist_bounds.values() if name in b for v in b[name][:2]]
-        a, b = min(span), max(span)
-        pad = 0.02 * (b - a) if b > a else 1e-3
-        counts, edges = jnp.histogram(x.reshape(-1), bins=HIST_BINS, range=(a - pad, b + pad))
-        hists[name] = {"counts": np.asarray(counts), "edges": np.asarray(edges), "min": lo,
-                       "max": hi, "numel": int(x.size)}
-    del captured
-  return hists, pct
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,50 +135,6 @@ def best_crop(hr: np.ndarray, size: int, step: int = 1) -> tuple[int, int]:
   return int(ys[i]), int(xs[j])
 
 
-def _image_psnr(results: Mapping, method: str, dataset: str, image: str) -> float | None:
-  try:
-    return float(results["methods"][method]["datasets"][dataset]["images"][image]["psnr"])
-  except (KeyError, TypeError):
-    return None
-
-
-def _quant_like(config: ml_collections.ConfigDict):
-  from twodquant_jax.nn.swinir import variable_shapes
-  return variable_shapes(config.scale, "quant", config.bits)["quant"]
-
-
-def sr_images(config: ml_collections.ConfigDict, workdir: Path, results: Mapping,
-              params: Callable[[], Mapping], bound_paths: Mapping[str, Path], lr: np.ndarray,
-              dataset: str, image: str) -> dict[str, np.ndarray]:
-  """{method: uint8 SR image} for Bicubic and every method in results: the saved PNG under
-  <workdir>/sr when there is one, else the method run here on this one image."""
-  from twodquant_jax import pipeline
-  from twodquant_jax.eval import predict as evaluate
-  from twodquant_jax.data.images import load_rgb, to_uint8
-  from twodquant_jax.ptq import names as qnames
-  from twodquant_jax.io import bounds_file
-  methods = ["bicubic"] + [m for m in ("fp",) + METHOD_ORDER
-                           if m in results.get("methods", {})]
-  out: dict[str, np.ndarray] = {}
-  for method in methods:
-    saved = workdir / "sr" / method / dataset / f"{image}.png"
-    if saved.is_file():
-      out[method] = load_rgb(saved)
-      continue
-    if method == "bicubic":
-      predict = evaluate.bicubic_predict(config.scale)
-    else:
-      quant = None
-      if method != "fp":
-        if method not in bound_paths:
-          logging.info("figures: no bounds file for %s; it is left out of the visual", method)
-          continue
-        quant = bounds_file.load_bounds(bound_paths[method], _quant_like(config))
-      predict = pipeline.sr_predictor(config, params(), quant).predict
-    out[method] = to_uint8(predict([lr])[0])
-  return out
-
-
 def plot_visual(hr: np.ndarray, srs: Mapping[str, np.ndarray], psnrs: Mapping[str, float],
                 path: Path, *, title: str) -> str:
   """Thumbnail with the crop box, then the same crop of HR and of every method's SR."""
@@ -376,7 +186,9 @@ def plot_dqc_loss(records: Sequence[Mapping], path: Path) -> str:
            if isinstance(r.get(key), (int, float)) and r[key] > 0 and math.isfinite(r[key])]
     if pts:
       s, v = zip(*pts)
-      lines += ax.plot(s, v, label=label, **style)
+      # Markers when there are few points, so a one-record log still shows something.
+      lines += ax.plot(s, v, label=label, marker="o" if len(pts) < 30 else None, markersize=4,
+                       **style)
   ax.set_yscale("log")
   ax.set_xlabel("DQC step")
   ax.set_ylabel("loss (log scale)")
@@ -406,102 +218,65 @@ def plot_dqc_loss(records: Sequence[Mapping], path: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _split(s: str) -> list[str]:
-  return [p.strip() for p in str(s or "").split(",") if p.strip()]
+def read_dqc_log(path: str | Path) -> list[dict[str, Any]]:
+  """The records of dqc_log.jsonl (lines cut by a kill are dropped), sorted by step."""
+  records = []
+  for line in Path(path).read_text().splitlines():
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(rec, dict) and "step" in rec:
+      records.append(rec)
+  return sorted(records, key=lambda r: r["step"])
 
 
-def make_all(config: ml_collections.ConfigDict, workdir: str | Path, results: Mapping, *,
-             params: Mapping | None = None, datasets: Mapping[str, Sequence] | None = None
-             ) -> list[str]:
-  """Writes every figure whose inputs exist into <workdir>/figures; returns the PNG paths.
+@dataclasses.dataclass
+class Visual:
+  """One visual comparison: the HR image and each method's SR with its PSNR."""
+  dataset: str
+  image: str
+  hr: np.ndarray
+  srs: dict[str, np.ndarray]
+  psnrs: dict[str, float]
 
-  `params` are the FP params (loaded from config.model.checkpoint when None and needed);
-  `datasets` maps set names to their `BenchmarkImage`s (sets missing there are loaded from
-  config.data.root for the visual comparison).
-  """
-  workdir = Path(workdir)
-  out_dir = workdir / "figures"
+
+@dataclasses.dataclass
+class FigureInputs:
+  """Everything the figures show, computed by the run (see `twodquant_jax.figure_inputs`)."""
+  scale: int
+  bits: int
+  bounds: dict[str, dict[str, list[float]]]  # {method: {quantizer: [l, u]}}
+  hist_names: list[str] = dataclasses.field(default_factory=list)
+  hists: dict[str, dict] = dataclasses.field(default_factory=dict)
+  percentiles: dict[str, dict[str, tuple[float, float]]] = dataclasses.field(default_factory=dict)
+  num_patches: int = 0
+  visuals: list[Visual] = dataclasses.field(default_factory=list)
+  dqc_records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+def write_all(inputs: FigureInputs, out_dir: str | Path) -> list[str]:
+  """Writes every figure whose inputs are present into `out_dir`; returns the PNG paths."""
+  out_dir = Path(out_dir)
   written: list[str] = []
-  cache: dict[str, Any] = {}
-
-  def get_params() -> Mapping:
-    if params is not None:
-      return params
-    if "params" not in cache:
-      from twodquant_jax import pipeline
-      cache["params"] = pipeline.load_params(config)[0]
-    return cache["params"]
-
-  files = bound_files(workdir, config, results)
-  bounds = load_bound_dicts(files)
-  bits = int(results.get("bits", config.bits))
-
-  # (a) and (b): one streamed pass over the captured calibration tensors.
-  hist_names = _split(config.report.hist_quantizers)
-  pct_bounds = {m: b for m, b in bounds.items() if m in ("dobi", "2dquant")}
-  if not hist_names and not pct_bounds:
-    logging.info("figures: no histogram quantizers and no DOBI/2DQuant bounds: skipping "
-                 "histograms and bound percentiles")
+  for name in inputs.hist_names:
+    if name in inputs.hists:
+      written.append(plot_histogram(
+          name, inputs.hists[name], {m: b[name] for m, b in inputs.bounds.items() if name in b},
+          out_dir / f"hist_{name}.png", num_patches=inputs.num_patches, bits=inputs.bits))
+  pct = {m: p for m, p in inputs.percentiles.items() if p}
+  if pct:
+    written.append(plot_bound_percentiles(pct, out_dir / "bound_percentiles.png",
+                                          num_patches=inputs.num_patches, bits=inputs.bits))
   else:
-    lr = calibration_lr(config)
-    if lr is None:
-      logging.info("figures: skipping histograms and bound percentiles (no calibration batch)")
-    else:
-      known = set(quantizer_order())
-      for n in hist_names:
-        if n not in known:
-          logging.warning("figures: report.hist_quantizers: unknown quantizer %r", n)
-      with jax.default_matmul_precision(config.matmul_precision):
-        hists, pct = tensor_stats(get_params(), config, lr, pct_bounds,
-                                  [n for n in hist_names if n in known], bounds)
-      for name in hist_names:
-        if name in hists:
-          written.append(plot_histogram(
-              name, hists[name], {m: b[name] for m, b in bounds.items() if name in b},
-              out_dir / f"hist_{name}.png", num_patches=len(lr), bits=bits))
-      pct = {m: p for m, p in pct.items() if p}
-      if pct:
-        written.append(plot_bound_percentiles(pct, out_dir / "bound_percentiles.png",
-                                              num_patches=len(lr), bits=bits))
-      else:
-        logging.info("figures: skipping bound_percentiles.png (no DOBI or 2DQuant bounds in %s)",
-                     workdir)
-
-  # (c) visual comparison.
-  for item in _split(config.report.visual_images):
-    if "/" not in item:
-      logging.warning("figures: report.visual_images entry %r is not <dataset>/<image>", item)
-      continue
-    dataset, image = item.split("/", 1)
-    images = (datasets or {}).get(dataset)
-    if images is None:
-      try:
-        from twodquant_jax.data.benchmarks import load_benchmark
-        images = load_benchmark(config.data.root, dataset, config.scale)
-      except (OSError, ValueError) as e:
-        logging.info("figures: skipping visual %s (%s)", item, e)
-        continue
-    img = next((i for i in images if i.name == image), None)
-    if img is None:
-      logging.info("figures: skipping visual %s (no image %r in %s)", item, image, dataset)
-      continue
-    with jax.default_matmul_precision(config.matmul_precision):
-      srs = sr_images(config, workdir, results, get_params, files, img.lr, dataset, image)
-    from twodquant_jax.eval import predict as evaluate
-    psnrs = {}
-    for m, sr in srs.items():
-      p = _image_psnr(results, m, dataset, image)
-      psnrs[m] = p if p is not None else evaluate.score(sr, img.hr, config.scale)[0]
-    title = (f"{dataset}/{image}, x{config.scale}, quantized at W{bits}A{bits}: the "
-             f"highest-gradient crop; PSNR(Y) per panel")
-    written.append(plot_visual(img.hr, srs, psnrs, out_dir / f"visual_{dataset}_{image}.png",
+    logging.info("figures: skipping bound_percentiles.png (no DOBI or 2DQuant bounds)")
+  for v in inputs.visuals:
+    title = (f"{v.dataset}/{v.image}, x{inputs.scale}, quantized at W{inputs.bits}A{inputs.bits}:"
+             f" the highest-gradient crop; PSNR(Y) per panel")
+    written.append(plot_visual(v.hr, v.srs, v.psnrs, out_dir / f"visual_{v.dataset}_{v.image}.png",
                                title=title))
-
-  # (d) DQC loss.
-  log_path = workdir / "dqc_log.jsonl"
-  records = read_dqc_log(log_path) if log_path.is_file() else []
-  if records:
-    written.append(plot_dqc_loss(records, out_dir / "dqc_loss.png"))
+  if inputs.dqc_records:
+    written.append(plot_dqc_loss(inputs.dqc_records, out_dir / "dqc_loss.png"))
   else:
-    logging.info("figures: skipping dqc_loss.png (no records in %s)", log_path)
+    logging.info("figures: skipping dqc_loss.png (no DQC records)")
   return written

@@ -1,4 +1,4 @@
-"""Reports: the Table-3-style Markdown table from results.json, and (optionally) figures."""
+"""The Table-3-style Markdown table of a run, from its results (results.json)."""
 
 from __future__ import annotations
 
@@ -35,9 +35,3 @@ def results_markdown(results: Mapping) -> str:
   rows += ["", f"Checkpoint: `{results.get('checkpoint', '?')}`; total time "
            f"{results.get('seconds_total', float('nan')):.1f} s."]
   return "\n".join(rows) + "\n"
-
-
-def make_figures(config, workdir, results, *, params, datasets) -> list[str]:
-  """Writes the PNG figures into <workdir>/figures (see `figures.py`)."""
-  from twodquant_jax.report import figures
-  return figures.make_all(config, workdir, results, params=params, datasets=datasets)

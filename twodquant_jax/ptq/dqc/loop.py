@@ -9,6 +9,7 @@ state.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
@@ -69,8 +71,9 @@ class LoopSettings:
 def run_identity(settings: DQCSettings, loop: LoopSettings, params: Mapping, quant0: Mapping
                  ) -> dict[str, Any]:
   """What a checkpoint must agree on to be resumed (all but the step count and bookkeeping)."""
-  ident = {k: (list(map(list, v)) if k == "arch" else v)
-           for k, v in dataclasses.asdict(settings).items() if k != "steps"}
+  # As JSON stores it (tuples -> lists), so a restored identity compares equal.
+  ident = json.loads(json.dumps({k: v for k, v in dataclasses.asdict(settings).items()
+                                 if k != "steps"}))
   ident.update(seed=loop.seed, batch_size=loop.batch_size, lr_size=loop.lr_size,
                augment=loop.augment, calib_root=loop.calib_root,
                params=ckpt.fingerprint(params), initial_bounds=ckpt.fingerprint(quant0))
@@ -138,7 +141,8 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
   step_fn = jit_train_step(settings, mesh)
   put = lambda tree: jax.device_put(jax.tree_util.tree_map(jnp.asarray, tree), repl)
   params = put(params)
-  state = put(init_state(settings, quant))
+  # A fresh copy: the step donates the state's buffers, never the caller's bounds.
+  state = put(init_state(settings, jax.tree_util.tree_map(np.array, quant)))
   identity = run_identity(settings, loop, params, state.quant)
 
   manager = ckpt.checkpoint_manager(workdir, loop.keep_checkpoints)
@@ -154,14 +158,15 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
   t0 = time.perf_counter()
   first_step_seconds = t_after_first = None
 
-  def finish(state: DQCState, metrics: Mapping) -> None:
-    """Host side of a completed step: finiteness, log, progress, validation, checkpoint."""
+  def finish(step: int, metrics: Mapping, state: DQCState | None) -> None:
+    """Host side of completed step `step`: finiteness, log, progress, and (with its `state`,
+    which is only live until the next step consumes it) validation and checkpoint."""
     nonlocal final_loss, last_saved
-    step, m = int(state.step), jax.device_get(metrics)
+    m = jax.device_get(metrics)
     if not bool(m["finite"]):
       manager.wait_until_finished()
       what = "the loss" if not bool(m["loss_finite"]) else "a bound (or the Adam state)"
-      raise NonFiniteError(step + 1, what, last_saved)
+      raise NonFiniteError(step, what, last_saved)
     final_loss = float(m["loss"])
     seconds = seconds_before + time.perf_counter() - t0
     bar.update(step, final_loss)
@@ -170,7 +175,8 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
       record = {"step": step, "loss": final_loss, "l_pix": float(m["l_pix"]),
                 "l_feature": float(m["l_feature"]), "lr": float(schedule(step - 1)),
                 "seconds": round(seconds, 3)}
-    if validate is not None and (step % loop.val_every == 0 or step == settings.steps):
+    if state is not None and validate is not None and (
+        step % loop.val_every == 0 or step == settings.steps):
       psnr = validate(state.quant)
       validation.append({"step": step, "psnr": psnr})
       record = {**(record or {"step": step}), "val_psnr": psnr}
@@ -179,7 +185,7 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
       ckpt.append_log(log_path, record)
     if callback is not None:
       callback(step, {k: v.item() for k, v in m.items()})
-    if step % loop.checkpoint_every == 0 or step == settings.steps:
+    if state is not None and (step % loop.checkpoint_every == 0 or step == settings.steps):
       ckpt.save_checkpoint(manager, state, {
           "step": step, "steps": settings.steps, "seconds": seconds, "loss": final_loss,
           "identity": identity, "bounds": tree_to_dict(state.quant)})
@@ -189,13 +195,12 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
   try:
     if start < settings.steps:
       stream = _batches(loop, settings.scale, start, settings.steps - start, mesh)
-    pending = None  # (state, metrics) of the last dispatched step, checked one step later
+    pending = None  # (step, metrics) of the last dispatched step, checked one step later
     for k in range(start, settings.steps):
-      new_state, metrics = step_fn(state, next(stream), params)
+      state, metrics = step_fn(state, next(stream), params)  # the old state is donated
       if pending is not None:
-        finish(*pending)  # overlaps with step k running on the device
-      # A non-finite step returns its input state, which was donated: keep the returned one.
-      state, pending = new_state, (new_state, metrics)
+        finish(*pending, None)  # overlaps with step k running on the device
+      pending = (k + 1, metrics)
       if first_step_seconds is None:
         jax.block_until_ready(metrics)
         first_step_seconds = time.perf_counter() - t0
@@ -203,7 +208,7 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
       periodic = (k + 1) % loop.checkpoint_every == 0 or (
           validate is not None and (k + 1) % loop.val_every == 0)
       if periodic or k + 1 == settings.steps:
-        finish(*pending)  # needs the state of step k + 1 itself
+        finish(*pending, state)  # needs the state of step k + 1 itself
         pending = None
     manager.wait_until_finished()
   finally:
