@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from twodquant_jax.io import convert
+from twodquant_jax.io.download import DownloadError
 from twodquant_jax.nn.swinir import SwinIR
 from twodquant_jax.io.torch_pickle import CheckpointError, load_pth
 
@@ -132,9 +133,9 @@ def test_download_checks_sha_and_caches(tmp_path, reference, monkeypatch):
   assert convert.sha256sum(convert.fetch_official(4, cache)) == good
   monkeypatch.setitem(convert.OFFICIAL, 4, (name, "0" * 64))
   (cache / name).unlink()
-  with pytest.raises(CheckpointError, match="sha256"):
+  with pytest.raises(DownloadError, match="sha256"):
     convert.fetch_official(4, cache)
   assert list(cache.iterdir()) == []
   monkeypatch.setattr(convert, "RELEASE", (tmp_path / "nowhere").as_uri() + "/")
-  with pytest.raises(CheckpointError, match="--config.model.checkpoint"):
+  with pytest.raises(DownloadError, match="--config.model.checkpoint"):
     convert.fetch_official(4, cache)
