@@ -70,16 +70,22 @@ def loop_settings(config: ml_collections.ConfigDict) -> LoopSettings:
                       val_every=int(d.val_every), data_workers=int(d.data_workers))
 
 
-def needs_calibration_images(config: ml_collections.ConfigDict, has_bounds: bool = False) -> bool:
-  """Whether the run reads calib.root: DOBI-style calibration without a batch file, or DQC's
-  training stream; not when bounds are given (model.bounds, or `has_bounds`: in the checkpoint)."""
-  methods = methods_of(config)
-  if config.model.bounds or has_bounds:
+def calibration_images_needed(method: str, batch_file: str = "", bounds_given: bool = False
+                              ) -> bool:
+  """Whether a run of `method` (a config.method string) reads calib.root: DQC's training stream,
+  or calibration without a batch file; never when bounds are given."""
+  methods = method_registry.parse(method)
+  if bounds_given:
     return False
   if "2dquant" in methods:
     return True
-  quantized = any(method_registry.REGISTRY[m].quantized for m in methods)
-  return quantized and not config.calib.batch_file
+  return any(method_registry.REGISTRY[m].quantized for m in methods) and not batch_file
+
+
+def needs_calibration_images(config: ml_collections.ConfigDict, has_bounds: bool = False) -> bool:
+  """`calibration_images_needed` for a config (`has_bounds`: the checkpoint holds bounds)."""
+  return calibration_images_needed(config.method, config.calib.batch_file,
+                                   bool(config.model.bounds) or has_bounds)
 
 
 def _mirror_checksums(path: str) -> tuple[tuple[str, str], ...]:
