@@ -40,7 +40,7 @@ from typing import Callable, Iterator
 from absl import logging
 
 CHUNK = 1 << 20
-USER_AGENT = "twodquant-jax (+https://github.com/)"
+USER_AGENT = "twodquant-jax"
 
 
 class DownloadError(RuntimeError):
@@ -104,6 +104,7 @@ class ChecksumRecords:
     fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".checksums", suffix=".tmp")
     with os.fdopen(fd, "w") as f:
       json.dump(dict(sorted(data.items())), f, indent=1)
+    os.chmod(tmp, 0o644)
     os.replace(tmp, self.path)
 
 
@@ -255,6 +256,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     logging.info("removing %s (left by an interrupted run)", old)
     shutil.rmtree(old, ignore_errors=True)
   tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+  tmp.chmod(0o755)  # mkdtemp makes it private; the set is as readable as any other folder
   try:
     yield tmp
     if target.exists():
