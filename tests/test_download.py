@@ -70,7 +70,7 @@ def server(tmp_path):
   srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
   srv.root, srv.requests, srv.ranges = tmp_path / "mirror", [], True
   srv.root.mkdir()
-  thread = threading.Thread(target=srv.serve_forever, daemon=True)
+  thread = threading.Thread(target=srv.serve_forever, args=(0.05,), daemon=True)
   thread.start()
   srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
   yield srv
