@@ -27,7 +27,7 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   # <root>/<Name>/HR/*.png (+ LR_bicubic/X{s}), used as it is; empty = the sets in data.cache
   c.data.root = ""
   # Data downloads (twodquant_jax/io/data_cache.py, sources in twodquant_jax/data/sources.py).
-  c.data.download = True  # fetch missing sets into data.cache; False: never touch the network
+  c.data.download = True  # fetch missing sets (and weights) into the caches; False: no network
   c.data.cache = ""  # empty = $TWODQUANT_CACHE/data or ~/.cache/twodquant_jax/data
   c.data.mirror = ""  # http(s)://host[/prefix]: replaces every source's scheme+host, same paths
   # JSON {original URL: sha256} replacing the registry's digests for files the mirror holds in

@@ -359,3 +359,24 @@ def test_main_offline_stops_with_one_line(tmp_path, reference):
   fatal = [line for line in r.stderr.splitlines() if line.startswith("FATAL")]
   assert len(fatal) == 1 and f"could not download {mirror}/JingyunLiang/SwinIR/" in fatal[0]
   assert "--config.data.root=" in fatal[0] and str(tmp_path / "cache") in fatal[0]
+
+
+def test_official_weights_through_the_mirror_and_offline(server, tmp_path, reference, monkeypatch):
+  """The weights use the same module: fetched through the mirror at the release path, and with
+  downloads off only the cached file is accepted (no request)."""
+  from twodquant_jax.io import convert
+  name, _ = convert.OFFICIAL[4]
+  path = _serve(server, convert.RELEASE + name,
+                (reference / "swinir_light_x4_random.pth").read_bytes())
+  monkeypatch.setitem(convert.OFFICIAL, 4, (name, download.sha256sum(path)))
+  cache = tmp_path / "models"
+  with pytest.raises(DownloadError, match=r"downloads are off .*--config\.model\.checkpoint="):
+    convert.resolve_checkpoint(None, 4, str(cache), mirror=server.url, download_ok=False)
+  assert server.requests == []
+  got = convert.resolve_checkpoint(None, 4, str(cache), mirror=server.url, progress=False)
+  assert got == cache / name and got.read_bytes() == path.read_bytes()
+  assert [p for p, _ in server.requests] == [
+      "/JingyunLiang/SwinIR/releases/download/v0.0/" + name]
+  assert convert.resolve_checkpoint(None, 4, str(cache), mirror=server.url,
+                                    download_ok=False) == got
+  assert len(server.requests) == 1

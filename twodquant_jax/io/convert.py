@@ -35,11 +35,12 @@ _SPLIT_QKV = re.compile(r"^(.*\.attn\.qkv)\.([qkv])\.(weight|bias)$")
 
 
 def fetch_official(scale: int, cache_dir: str | Path | None = None, *, mirror: str = "",
-                   progress: bool = True) -> Path:
+                   progress: bool = True, download_ok: bool = True) -> Path:
   """Returns the official SwinIR-light checkpoint for `scale`, downloading it once into the cache.
 
   Through `download.fetch`: verified against the published sha256, resumable, never left half
-  written under its final name; `mirror` replaces the release host (same path).
+  written under its final name; `mirror` replaces the release host (same path);
+  `download_ok=False` only accepts the cached file.
   """
   if scale not in OFFICIAL:
     raise ValueError(f"no official SwinIR-light checkpoint for scale {scale} (2, 3 or 4)")
@@ -48,19 +49,21 @@ def fetch_official(scale: int, cache_dir: str | Path | None = None, *, mirror: s
   url = RELEASE + name
   return download.fetch(download.mirror_url(url, mirror), cache / name, sha256=digest,
                         hint="to use a local file pass --config.model.checkpoint=/path/to/file.pth",
-                        progress=progress)
+                        progress=progress, offline=not download_ok)
 
 
 def resolve_checkpoint(checkpoint: str | None, scale: int, cache_dir: str | None = None, *,
-                       mirror: str = "", progress: bool = True) -> Path:
+                       mirror: str = "", progress: bool = True, download_ok: bool = True
+                       ) -> Path:
   """A local path when given (must exist), else the official file for `scale` (downloaded, from
-  `mirror` when given)."""
+  `mirror` when given, unless `download_ok` is False)."""
   if checkpoint:
     path = Path(checkpoint).expanduser()
     if not path.is_file():
       raise FileNotFoundError(f"checkpoint not found: {path}")
     return path
-  return fetch_official(scale, cache_dir, mirror=mirror, progress=progress)
+  return fetch_official(scale, cache_dir, mirror=mirror, progress=progress,
+                        download_ok=download_ok)
 
 
 def state_dict_from(obj: Any, source: str = "checkpoint") -> dict[str, np.ndarray]:
