@@ -380,3 +380,24 @@ def test_official_weights_through_the_mirror_and_offline(server, tmp_path, refer
   assert convert.resolve_checkpoint(None, 4, str(cache), mirror=server.url,
                                     download_ok=False) == got
   assert len(server.requests) == 1
+
+
+def test_two_runs_sharing_a_cache_take_turns(server, tmp_path):
+  """Two runs fetching the same set at once: one downloads, the other waits and uses it."""
+  _serve(server, SET14_URL, _tar_gz(SET14))
+  cache = tmp_path / "cache"
+  out, errors = [], []
+
+  def run():
+    try:
+      out.append(data_cache.ensure("Set14", _settings(server, cache)))
+    except Exception as e:  # noqa: BLE001 (reported below)
+      errors.append(e)
+
+  threads = [threading.Thread(target=run) for _ in range(2)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(60)
+  assert errors == [] and out == [cache / "Set14"] * 2
+  assert len(server.requests) == 1 and len(list((cache / "Set14" / "HR").iterdir())) == 4

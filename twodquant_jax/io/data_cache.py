@@ -101,6 +101,15 @@ def ensure(name: str, s: DataSettings) -> Path:
   if not s.download:
     raise DownloadError(f"{name} is not in the cache {cache} and --config.data.download=False "
                         f"(nothing is downloaded): run once with downloads on, or {hint}")
+  with download.file_lock(cache / f".{name}.lock"):  # another run may be fetching it right now
+    if is_complete(folder):
+      return folder
+    return _fetch_set(src, folder, s, hint)
+
+
+def _fetch_set(src: sources.Source, folder: Path, s: DataSettings, hint: str) -> Path:
+  """Downloads `src` and lays it out as `folder/HR` (caller holds the set's lock)."""
+  name, cache = src.name, folder.parent
   if folder.exists():
     logging.warning("%s is incomplete (files missing or changed); fetching it again", folder)
   overrides = dict(s.mirror_checksums)

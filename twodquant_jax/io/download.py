@@ -98,14 +98,14 @@ class ChecksumRecords:
     return self._read().get(url)
 
   def record(self, url: str, digest: str) -> None:
-    data = self._read()
-    data[url] = digest
-    self.path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".checksums", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-      json.dump(dict(sorted(data.items())), f, indent=1)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, self.path)
+    with file_lock(self.path.with_name(f".{self.path.name}.lock")):  # runs sharing the cache
+      data = self._read()
+      data[url] = digest
+      fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".checksums", suffix=".tmp")
+      with os.fdopen(fd, "w") as f:
+        json.dump(dict(sorted(data.items())), f, indent=1)
+      os.chmod(tmp, 0o644)
+      os.replace(tmp, self.path)
 
 
 class _Progress:
@@ -185,14 +185,15 @@ def _transfer(url: str, part: Path, *, progress: bool, timeout: float) -> None:
 
 def fetch(url: str, dest: str | os.PathLike, *, sha256: str | None = None,
           records: ChecksumRecords | None = None, key: str | None = None, hint: str = "",
-          progress: bool = True, timeout: float = 60.0) -> Path:
+          progress: bool = True, timeout: float = 60.0, offline: bool = False) -> Path:
   """Downloads `url` to `dest` once; returns `dest`.
 
   The digest `dest` must have is `sha256` (a published one) if given, else the one `records`
   holds for `key` (default: `url`; pass the original URL as `key` when `url` is a mirror's),
   else none yet: then the first download's digest is recorded (trust on first use). A cached
   `dest` that does not match is downloaded again. The transfer goes to `<dest>.part`, which a
-  later call resumes; it is renamed to `dest` only after the digest matched.
+  later call resumes; it is renamed to `dest` only after the digest matched. `offline`: never
+  touch the network (a missing or bad `dest` is an error).
   """
   dest = Path(dest)
   key = key or url
@@ -209,6 +210,9 @@ def fetch(url: str, dest: str | os.PathLike, *, sha256: str | None = None,
       return dest
     logging.warning("cached %s does not have the expected sha256; downloading it again", dest)
     dest.unlink()
+  if offline:
+    raise DownloadError(f"{dest} is not in the cache and downloads are off "
+                        f"(--config.data.download=False), so {url} was not fetched ({where})")
   dest.parent.mkdir(parents=True, exist_ok=True)
   part = dest.with_name(dest.name + ".part")
   logging.info("downloading %s -> %s", url, dest)
@@ -239,6 +243,25 @@ def fetch(url: str, dest: str | os.PathLike, *, sha256: str | None = None,
 
 # ------------------------------------------------------------------------------------------------
 # Atomic folders and archive extraction.
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+  """An exclusive advisory lock on `path` (created if missing) for the block, so that two runs
+  sharing a cache take turns; a no-op where `fcntl` is missing (Windows)."""
+  try:
+    import fcntl
+  except ImportError:  # pragma: no cover - not POSIX
+    yield
+    return
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _partials(target: Path) -> list[Path]:
