@@ -9,6 +9,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from twodquant_jax import pipeline
+from twodquant_jax.io.download import DownloadError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
@@ -37,7 +38,10 @@ def main(argv):
   except ValueError as e:  # a bad value: say so without a traceback
     raise app.UsageError(str(e)) from e
   logging.set_verbosity(logging.INFO)
-  pipeline.run(FLAGS.config, FLAGS.workdir or None)
+  try:
+    pipeline.run(FLAGS.config, FLAGS.workdir or None)
+  except DownloadError as e:  # offline, a bad checksum, data missing: one line, no traceback
+    sys.exit(f"FATAL {e}")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from twodquant_jax import pipeline
+from twodquant_jax import settings as run_settings
 from twodquant_jax.eval import predict as evaluate
 from twodquant_jax.data.benchmarks import load_benchmark
 from twodquant_jax.io import bounds_file
@@ -43,6 +44,7 @@ def main(_):
   workdir.mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()
   params, _, ckpt = pipeline.load_params(config)
+  config = run_settings.with_local_data(config)  # given folders, else the cache (downloading)
   names = [n.strip() for n in config.eval.datasets.split(",") if n.strip()]
   datasets = {n: load_benchmark(config.data.root, n, config.scale) for n in names}
   rows = {"FP": pipeline.evaluate_method(config, "fp", pipeline.sr_predictor(

@@ -24,7 +24,15 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   c.model.bounds = ""  # evaluate given bounds (bounds.json or the authors' net_Q_*.pth), skip calibration
 
   c.data = ml_collections.ConfigDict()
-  c.data.root = "data/benchmarks"  # <root>/<Name>/HR/*.png (+ LR_bicubic/X{s})
+  # <root>/<Name>/HR/*.png (+ LR_bicubic/X{s}), used as it is; empty = the sets in data.cache
+  c.data.root = ""
+  # Data downloads (twodquant_jax/io/data_cache.py, sources in twodquant_jax/data/sources.py).
+  c.data.download = True  # fetch missing sets (and weights) into the caches; False: no network
+  c.data.cache = ""  # empty = $TWODQUANT_CACHE/data or ~/.cache/twodquant_jax/data
+  c.data.mirror = ""  # http(s)://host[/prefix]: replaces every source's scheme+host, same paths
+  # JSON {original URL: sha256} replacing the registry's digests for files the mirror holds in
+  # another version (e.g. a test mirror); only with data.mirror, and never recorded in the cache
+  c.data.mirror_checksums = ""
 
   c.eval = ml_collections.ConfigDict()
   c.eval.datasets = "Set5,Set14,B100,Urban100,Manga109"
@@ -34,7 +42,8 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   c.eval.save_sr = False  # write the SR PNGs to <workdir>/sr/<method>/<dataset>/
 
   c.calib = ml_collections.ConfigDict()
-  c.calib.root = "data/DF2K/HR"  # training images (DF2K HR; ../shared/data/calib here)
+  # training images (the paper: DF2K HR); empty = DIV2K's 800 train HR images from data.cache
+  c.calib.root = ""
   c.calib.batch_file = ""  # .npz with an 'lr' uint8 (N, 64, 64, 3) array: use it as the calibration batch
   c.calib.num_patches = 32  # (paper) the first batch of the training stream
   c.calib.lr_size = 64

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from twodquant_jax.io import convert
+from twodquant_jax.io import download
+from twodquant_jax.io.download import DownloadError
 from twodquant_jax.nn.swinir import SwinIR
 from twodquant_jax.io.torch_pickle import CheckpointError, load_pth
 
@@ -122,19 +124,19 @@ def test_download_checks_sha_and_caches(tmp_path, reference, monkeypatch):
   server = tmp_path / "server"
   server.mkdir()
   (server / name).write_bytes((reference / "swinir_light_x4_random.pth").read_bytes())
-  good = convert.sha256sum(server / name)
+  good = download.sha256sum(server / name)
   monkeypatch.setattr(convert, "RELEASE", server.as_uri() + "/")
   monkeypatch.setitem(convert.OFFICIAL, 4, (name, good))
   cache = tmp_path / "cache"
   path = convert.fetch_official(4, cache)
-  assert path == cache / name and convert.sha256sum(path) == good
+  assert path == cache / name and download.sha256sum(path) == good
   path.write_bytes(b"corrupted cache")
-  assert convert.sha256sum(convert.fetch_official(4, cache)) == good
+  assert download.sha256sum(convert.fetch_official(4, cache)) == good
   monkeypatch.setitem(convert.OFFICIAL, 4, (name, "0" * 64))
   (cache / name).unlink()
-  with pytest.raises(CheckpointError, match="sha256"):
+  with pytest.raises(DownloadError, match="sha256"):
     convert.fetch_official(4, cache)
   assert list(cache.iterdir()) == []
   monkeypatch.setattr(convert, "RELEASE", (tmp_path / "nowhere").as_uri() + "/")
-  with pytest.raises(CheckpointError, match="--config.model.checkpoint"):
+  with pytest.raises(DownloadError, match="--config.model.checkpoint"):
     convert.fetch_official(4, cache)

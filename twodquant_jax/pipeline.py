@@ -46,7 +46,9 @@ def default_workdir(config: ml_collections.ConfigDict) -> Path:
 def load_params(config: ml_collections.ConfigDict) -> tuple[dict, dict, Path]:
   """FP params of the checkpoint (local path or the official download) and any bounds in it."""
   path = convert.resolve_checkpoint(config.model.checkpoint or None, config.scale,
-                                    config.model.cache_dir or None)
+                                    config.model.cache_dir or None, mirror=config.data.mirror,
+                                    progress=_progress(config),
+                                    download_ok=bool(config.data.download))
   shapes = variable_shapes(config.scale)["params"]
   params, bounds = convert.load_checkpoint(path, config.scale, shapes)
   return jax.tree_util.tree_map(jnp.asarray, params), bounds, path
@@ -124,6 +126,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) ->
   t_start = time.perf_counter()
   with jax.default_matmul_precision(config.matmul_precision):
     params, ckpt_bounds, ckpt_path = load_params(config)
+    config = run_settings.with_local_data(config, has_bounds=bool(ckpt_bounds))  # downloads
     datasets = {n: load_benchmark(config.data.root, n, config.scale)
                 for n in dataset_names(config)}
     results: dict[str, Any] = {

@@ -7,11 +7,16 @@ with one line, not after minutes of calibration.
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
 from typing import Any, Mapping
 
 import ml_collections
 
 from twodquant_jax.figure_inputs import FigureSettings
+from twodquant_jax.io import data_cache
+from twodquant_jax.io.download import mirror_url
 from twodquant_jax.ptq import methods as method_registry
 from twodquant_jax.ptq.dobi import CalibSettings
 from twodquant_jax.ptq.dqc.loop import LoopSettings
@@ -79,6 +84,65 @@ def figure_settings(config: ml_collections.ConfigDict) -> FigureSettings:
                         visual_images=tuple(visuals),
                         calib_patches=int(config.report.calib_patches),
                         eval_batch_size=int(config.eval.batch_size))
+def calibration_images_needed(method: str, batch_file: str = "", bounds_given: bool = False
+                              ) -> bool:
+  """Whether a run of `method` (a config.method string) reads calib.root: DQC's training stream,
+  or calibration without a batch file; never when bounds are given."""
+  methods = method_registry.parse(method)
+  if bounds_given:
+    return False
+  if "2dquant" in methods:
+    return True
+  return any(method_registry.REGISTRY[m].quantized for m in methods) and not batch_file
+
+
+def needs_calibration_images(config: ml_collections.ConfigDict, has_bounds: bool = False) -> bool:
+  """`calibration_images_needed` for a config (`has_bounds`: the checkpoint holds bounds)."""
+  return calibration_images_needed(config.method, config.calib.batch_file,
+                                   bool(config.model.bounds) or has_bounds)
+
+
+def _mirror_checksums(path: str) -> tuple[tuple[str, str], ...]:
+  """The {original URL: sha256} JSON file of data.mirror_checksums, checked."""
+  try:
+    data = json.loads(Path(path).expanduser().read_text())
+  except (OSError, ValueError) as e:
+    raise ValueError(f"config.data.mirror_checksums: cannot read {path} as JSON ({e})") from e
+  if not isinstance(data, dict) or not all(
+      isinstance(v, str) and re.fullmatch(r"[0-9a-f]{64}", v) for v in data.values()):
+    raise ValueError(f"config.data.mirror_checksums: {path} must hold {{\"<original URL>\": "
+                     "\"<sha256 hex>\"}")
+  return tuple(sorted((str(k), v) for k, v in data.items()))
+
+
+def data_settings(config: ml_collections.ConfigDict, has_bounds: bool = False
+                  ) -> data_cache.DataSettings:
+  """Where the run's data comes from (local folders or the download cache)."""
+  d = config.data
+  if d.mirror:
+    mirror_url("https://example.org/x", d.mirror)  # raises ValueError for a bad mirror URL
+  if d.mirror_checksums and not d.mirror:
+    raise ValueError("config.data.mirror_checksums replaces published digests and is only "
+                     "accepted together with config.data.mirror")
+  return data_cache.DataSettings(
+      root=str(d.root), calib_root=str(config.calib.root),
+      datasets=tuple(dataset_names(config)),
+      need_calib=needs_calibration_images(config, has_bounds), download=bool(d.download),
+      cache=str(d.cache), mirror=str(d.mirror),
+      mirror_checksums=_mirror_checksums(d.mirror_checksums) if d.mirror_checksums else (),
+      progress=bool(config.progress))
+
+
+def with_local_data(config: ml_collections.ConfigDict, has_bounds: bool = False
+                    ) -> ml_collections.ConfigDict:
+  """A copy of `config` whose data.root / calib.root are local folders and whose eval.datasets
+  are the available sets; missing sets are downloaded first (`io/data_cache.py`)."""
+  got = data_cache.resolve(data_settings(config, has_bounds))
+  out = config.copy_and_resolve_references()
+  out.data.root = str(got.data_root)
+  out.calib.root = str(got.calib_root)
+  out.eval.datasets = ",".join(got.datasets)
+  return out
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -102,3 +166,4 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if "2dquant" in methods and not config.model.bounds:
     dqc_settings(config)
     loop_settings(config)
+  data_settings(config)

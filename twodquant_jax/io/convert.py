@@ -4,25 +4,21 @@ Reads the `.pth` without torch (`torch_pickle.load_pth`), maps every tensor to t
 `models.swinir.SwinIR` (torch Linear (out, in) -> Dense kernel (in, out); Conv (O, I, kh, kw) ->
 (kh, kw, I, O); LayerNorm weight -> scale), drops the `attn_mask` / `relative_position_index`
 buffers (recomputed for the actual input size), and checks that every key is used and every
-shape matches. Also downloads the official release files (URL + sha256 + cache).
+shape matches. Also fetches the official release files (`io/download.py`: URL + sha256 + cache).
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
-import shutil
-import tempfile
-import urllib.request
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-from absl import logging
 
-from twodquant_jax.ptq.names import BOUND_KEY, QUANTIZER_STATE, path_from_name
+from twodquant_jax.io import download
+from twodquant_jax.io.download import default_cache_dir
 from twodquant_jax.io.torch_pickle import CheckpointError, load_pth
+from twodquant_jax.ptq.names import BOUND_KEY, QUANTIZER_STATE, path_from_name
 
 RELEASE = "https://github.com/JingyunLiang/SwinIR/releases/download/v0.0/"
 OFFICIAL = {
@@ -37,62 +33,36 @@ _BUFFERS = re.compile(r"(attn_mask|relative_position_index)$")
 _SPLIT_QKV = re.compile(r"^(.*\.attn\.qkv)\.([qkv])\.(weight|bias)$")
 
 
-def default_cache_dir() -> Path:
-  return Path(os.environ.get("TWODQUANT_CACHE", Path.home() / ".cache" / "twodquant_jax"))
-
-
-def sha256sum(path: Path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for chunk in iter(lambda: f.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
-
-
-def fetch_official(scale: int, cache_dir: str | Path | None = None) -> Path:
+def fetch_official(scale: int, cache_dir: str | Path | None = None, *, mirror: str = "",
+                   progress: bool = True, download_ok: bool = True) -> Path:
   """Returns the official SwinIR-light checkpoint for `scale`, downloading it once into the cache.
 
-  The file is written to a temporary name, verified against the published sha256, then moved
-  into place, so an interrupted download never leaves a half file that looks valid.
+  Through `download.fetch`: verified against the published sha256, resumable, never left half
+  written under its final name; `mirror` replaces the release host (same path);
+  `download_ok=False` only accepts the cached file.
   """
   if scale not in OFFICIAL:
     raise ValueError(f"no official SwinIR-light checkpoint for scale {scale} (2, 3 or 4)")
   name, digest = OFFICIAL[scale]
   cache = Path(cache_dir) if cache_dir else default_cache_dir()
-  path = cache / name
-  if path.is_file():
-    if sha256sum(path) == digest:
-      return path
-    logging.warning("cached %s has the wrong sha256; downloading again", path)
-  cache.mkdir(parents=True, exist_ok=True)
   url = RELEASE + name
-  logging.info("downloading %s", url)
-  fd, tmp = tempfile.mkstemp(dir=cache, suffix=".part")
-  try:
-    with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=60) as r:
-      shutil.copyfileobj(r, f)
-    got = sha256sum(Path(tmp))
-    if got != digest:
-      raise CheckpointError(f"downloaded {url} has sha256 {got}, expected {digest}")
-    os.replace(tmp, path)
-  except OSError as e:
-    raise CheckpointError(
-        f"could not download {url} ({e}). Download it by hand and pass "
-        "--config.model.checkpoint=/path/to/file.pth") from e
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return path
+  return download.fetch(download.mirror_url(url, mirror), cache / name, sha256=digest,
+                        hint="to use a local file pass --config.model.checkpoint=/path/to/file.pth",
+                        progress=progress, offline=not download_ok)
 
 
-def resolve_checkpoint(checkpoint: str | None, scale: int, cache_dir: str | None = None) -> Path:
-  """A local path when given (must exist), else the official file for `scale` (downloaded)."""
+def resolve_checkpoint(checkpoint: str | None, scale: int, cache_dir: str | None = None, *,
+                       mirror: str = "", progress: bool = True, download_ok: bool = True
+                       ) -> Path:
+  """A local path when given (must exist), else the official file for `scale` (downloaded, from
+  `mirror` when given, unless `download_ok` is False)."""
   if checkpoint:
     path = Path(checkpoint).expanduser()
     if not path.is_file():
       raise FileNotFoundError(f"checkpoint not found: {path}")
     return path
-  return fetch_official(scale, cache_dir)
+  return fetch_official(scale, cache_dir, mirror=mirror, progress=progress,
+                        download_ok=download_ok)
 
 
 def state_dict_from(obj: Any, source: str = "checkpoint") -> dict[str, np.ndarray]:
