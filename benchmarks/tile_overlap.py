@@ -1,6 +1,7 @@
 """How far tiled evaluation falls below whole-image evaluation, per tile overlap and blend.
 
-  PYTHONPATH=$PWD python benchmarks/tile_overlap.py --checkpoint=../shared/reference/standin_x4.pth \
+  PYTHONPATH=$PWD python benchmarks/tile_overlap.py \
+      --checkpoint=../shared/reference/standin_x4.pth \
       --images=../shared/data/benchmarks/Set14/HR/barbara.png,... [--bounds=bounds.json --bits=2]
 
 Runs each image whole and as 64x64 LR tiles at each overlap (each tile once; both blends

@@ -63,6 +63,7 @@ def _config(tmp_path, reference, benchmarks_dir, method="fp", **fields):
     ("fp", "eval.batch_size", 0, "config.eval.batch_size must be an integer >= 1"),
     ("fp", "eval.batch_pixels", -5, "config.eval.batch_pixels must be an integer >= 0"),
     ("fp", "eval.tile_overlap", 64, "larger than config.eval.tile_overlap"),
+    ("fp", "eval.tile_blend", "max", "config.eval.tile_blend must be 'center' or 'mean'"),
     ("minmax", "calib.lr_size", 4, "config.calib.lr_size must be an integer >= 8"),
 ])
 def test_bad_settings_fail_before_any_work(tmp_path, reference, benchmarks, method, field,
@@ -305,4 +306,16 @@ def test_center_and_mean_blend_stitch_exactly_and_tiling_is_recorded():
   assert pipeline.tiling_record(c, imgs) is None
   c.eval.tile = 64
   assert pipeline.tiling_record(c, imgs) == {"tile": 64, "tile_overlap": c.eval.tile_overlap,
-                                             "images": ["large"]}
+                                             "tile_blend": "center", "images": ["large"]}
+
+
+def test_third_party_info_logs_are_filtered_but_ours_and_warnings_kept():
+  import logging as std
+  import main as cli
+  f = cli._OwnInfoOnly()
+  rec = lambda level, path: std.LogRecord("absl", level, path, 1, "m", (), None)
+  orbax = "/site-packages/orbax/checkpoint/checkpoint_manager.py"
+  assert not f.filter(rec(std.INFO, orbax))
+  assert f.filter(rec(std.WARNING, orbax))
+  assert f.filter(rec(std.INFO, str(REPO_ROOT / "twodquant_jax" / "pipeline.py")))
+  assert f.filter(rec(std.INFO, str(REPO_ROOT / "main.py")))

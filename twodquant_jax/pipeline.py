@@ -72,7 +72,8 @@ def sr_predictor(config: ml_collections.ConfigDict, params: dict, quant: dict | 
     variables = {"params": params, "quant": quant}
   return evaluate.Predictor(fn, config.scale, batch_size=config.eval.batch_size,
                             tile=config.eval.tile or None, tile_overlap=config.eval.tile_overlap,
-                            variables=variables, batch_pixels=config.eval.batch_pixels or None)
+                            variables=variables, batch_pixels=config.eval.batch_pixels or None,
+                            tile_blend=config.eval.tile_blend)
 
 
 def evaluate_method(config, method: str, predict, datasets: dict, workdir: Path) -> dict:
@@ -100,7 +101,8 @@ def tiling_record(config: ml_collections.ConfigDict, images) -> dict | None:
            if tile and max(-(-s // 8) * 8 for s in im.lr.shape[:2]) > tile]
   if not names:
     return None
-  return {"tile": tile, "tile_overlap": int(config.eval.tile_overlap), "images": names}
+  return {"tile": tile, "tile_overlap": int(config.eval.tile_overlap),
+          "tile_blend": str(config.eval.tile_blend), "images": names}
 
 
 def _progress(config) -> bool:

@@ -103,6 +103,9 @@ def _check_ranges(config: ml_collections.ConfigDict, calibrates: bool, dqc: bool
   _positive(config, "eval.batch_pixels", 0)
   _positive(config, "seed", 0)
   _positive(config, "eval.tile_overlap", 0)
+  if config.eval.tile_blend not in ("center", "mean"):
+    raise ValueError(f"config.eval.tile_blend must be 'center' or 'mean', got "
+                     f"{config.eval.tile_blend!r}")
   if config.eval.tile and config.eval.tile <= config.eval.tile_overlap:
     raise ValueError(f"config.eval.tile ({config.eval.tile}) must be larger than "
                      f"config.eval.tile_overlap ({config.eval.tile_overlap})")
@@ -128,7 +131,8 @@ def check_paths(config: ml_collections.ConfigDict) -> None:
     if not config.calib.batch_file:
       wanted += [("calib.root", config.calib.root, "dir")]
   if "2dquant" in methods and not config.model.bounds:
-    wanted += [("calib.root", config.calib.root, "dir"), ("dqc.val_root", config.dqc.val_root, "dir")]
+    wanted += [("calib.root", config.calib.root, "dir"),
+               ("dqc.val_root", config.dqc.val_root, "dir")]
   for field, value, kind in wanted:  # (the batch file itself is read and checked below)
     if not value:
       continue

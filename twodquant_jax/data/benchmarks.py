@@ -1,6 +1,7 @@
 """Loading the SR benchmark sets (Set5, Set14, B100, Urban100, Manga109) as LR/HR pairs.
 
-Layout per set: ``<root>/<Name>/HR/*.png`` (or .jpg/.bmp/.tif/.webp) and optionally the official LR images in
+Layout per set: ``<root>/<Name>/HR/*.png`` (or .jpg/.bmp/.tif/.webp) and optionally the
+official LR images in
 ``<root>/<Name>/LR_bicubic/X{s}/<stem>x{s}.png``. HR is mod-cropped to a multiple of s (SPEC
 section 6); without official LR images the LR is made by MATLAB-style bicubic downscaling of
 the mod-cropped HR, which is how the official ones were made.

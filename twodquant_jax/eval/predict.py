@@ -50,7 +50,8 @@ def tile_boxes(hw: tuple[int, int], tile: int, overlap: int
                ) -> tuple[list[tuple[int, int]], tuple[int, int]]:
   """Top-left corners of the tiles covering an (H, W) image, and the tile shape."""
   th, tw = min(tile, hw[0]), min(tile, hw[1])
-  return [(i, j) for i in _starts(hw[0], th, overlap) for j in _starts(hw[1], tw, overlap)], (th, tw)
+  boxes = [(i, j) for i in _starts(hw[0], th, overlap) for j in _starts(hw[1], tw, overlap)]
+  return boxes, (th, tw)
 
 
 def _owned(starts: list[int], size: int, tile: int) -> list[tuple[int, int]]:
@@ -124,17 +125,17 @@ class Predictor:
   `apply_fn(variables, x)` such as `jitted_apply(...)`; it is traced once per distinct batch
   shape. `tile` (LR pixels, a multiple of `multiple`) caps the size fed at once; None never tiles.
 
-  Memory: a jitted call's peak memory grows with the LR pixels it holds (SwinIR-light's
-  activations at x4: ~70 KB per LR pixel on the CPU backend), so a batch holds at most
-  `batch_pixels` padded LR pixels and at most `batch_size` images or tiles. An image larger than
-  the budget runs alone (tile it to bound memory further). None = no pixel budget.
+  Memory: a jitted call's peak memory grows with the LR pixels it holds (SwinIR-light at x4:
+  ~50 KB per padded LR pixel on the CPU backend, measured), so a batch holds at most
+  `batch_pixels` padded LR pixels and at most `batch_size` images or tiles. An image larger
+  than the budget runs alone (tile it to bound memory further). None = no pixel budget.
   """
   apply_fn: Callable
   scale: int
   multiple: int = 8
   batch_size: int = 8
   tile: int | None = None
-  tile_overlap: int = 32
+  tile_overlap: int = 16
   variables: Mapping | None = None
   batch_pixels: int | None = DEFAULT_BATCH_PIXELS
   tile_blend: str = "center"
