@@ -75,6 +75,9 @@ def fail_line(error: BaseException) -> str:
     hint = "check the permissions of that path, or use another --workdir"
   elif isinstance(error, OSError):
     hint = "check the disk and the path"
+  elif isinstance(error, ValueError) and "remove or replace" not in msg:
+    hint = "fix, replace or remove that input"
+  msg = msg.rstrip(".") if hint else msg
   tail = f"; {hint}" if hint else ""
   return (f"FATAL {type(error).__name__}: {msg}{tail} (traceback: --verbosity=1 or "
           "TWODQUANT_DEBUG=1)")
@@ -85,8 +88,12 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
     pipeline.validate(FLAGS.config)
-  except ValueError as e:  # a bad value: say so without a traceback
-    raise app.UsageError(str(e)) from e
+  except ValueError as e:  # a bad value: one line naming the field, no usage text or traceback
+    if debugging():
+      raise
+    sys.stderr.write(f"FATAL bad setting: {e} (the fields and their defaults are in "
+                     "configs/base.py)\n")
+    sys.exit(1)
   setup_logging()
   try:
     pipeline.run(FLAGS.config, FLAGS.workdir or None)
