@@ -113,6 +113,8 @@ def reference_gather(storage: np.ndarray, offset: int, size: Sequence[int],
   """The strided view by plain index arithmetic (an oracle independent of as_strided);
   raises IndexError when any element lies outside the storage."""
   size, stride = tuple(size), tuple(stride)
+  if 0 in size:
+    return np.zeros(size, storage.dtype)
   flat = []
   for idx in np.ndindex(*size) if size else [()]:
     k = offset + sum(i * s for i, s in zip(idx, stride))

@@ -85,6 +85,8 @@ def _check_calls(calls: list, rng: np.random.Generator) -> None:
     size, stride = tuple(size), tuple(stride)
     if got.shape != size or got.dtype != storage.dtype:
       raise AssertionError(f"tensor {got.shape} {got.dtype}, asked {size} {storage.dtype}")
+    if got.size == 0:  # nothing to compare (a zero dimension may sit beside a huge one)
+      continue
     if got.size <= 4096:
       want = pth_craft.reference_gather(storage, offset, size, stride)
       np.testing.assert_array_equal(got, want)

@@ -98,6 +98,15 @@ def test_storage_with_wrong_byte_count_is_rejected(tmp_path):
     load_pth(path)
 
 
+def test_buffer_opcodes_are_refused_before_unpickling(tmp_path):
+  """A protocol-5 bytearray (found by the fuzzer: CPython then printed "deallocated bytearray
+  object has exported buffers") is refused by the opcode scan."""
+  pkl = b"\x80\x05\x96" + (3).to_bytes(8, "little") + b"abc\x98."
+  path = pth_craft.write_pth(tmp_path / "buf.pth", {}, [], pickle_bytes=pkl)
+  with pytest.raises(CheckpointError, match="buf.pth.*BYTEARRAY8"):
+    load_pth(path)
+
+
 def test_fuzzed_checkpoints_never_crash_hang_or_misread(tmp_path):
   """200 seeded mutations of data.pkl and the storage records, in a subprocess (a segfault
   or hang fails this test instead of killing pytest)."""
@@ -109,6 +118,7 @@ def test_fuzzed_checkpoints_never_crash_hang_or_misread(tmp_path):
     pytest.fail("the fuzzed reader hung (no answer within 90 s)")
   assert r.returncode == 0, f"rc {r.returncode} (negative = killed by a signal): " + \
       (r.stdout + r.stderr)[-2000:]
+  assert not r.stderr.strip(), r.stderr[-2000:]  # nothing printed behind our back either
   counts = json.loads(r.stdout.strip().splitlines()[-1])
   assert counts["mutations"] == 200
   assert counts["rejected"] > 0 and counts["loaded"] > 0  # both outcomes were exercised

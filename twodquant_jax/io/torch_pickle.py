@@ -7,7 +7,9 @@ anything else in the pickle is refused, so loading a checkpoint never runs forei
 from __future__ import annotations
 
 import collections
+import io
 import pickle
+import pickletools
 import zipfile
 import zlib
 from pathlib import Path
@@ -50,6 +52,11 @@ _MAX_PICKLE_BYTES = 1 << 28  # 256 MiB of data.pkl
 _MAX_EXPANDED_ELEMENTS = 1 << 24  # elements a stride-0 (expanded) tensor may add beyond its storage
 
 
+def _show(v: Any, limit: int) -> str:
+  """A value from the file for an error message: one line, at most `limit` characters."""
+  return " ".join(repr(v).split())[:limit]
+
+
 def _is_int(v: Any) -> bool:
   return isinstance(v, int) and not isinstance(v, bool)
 
@@ -57,7 +64,7 @@ def _is_int(v: Any) -> bool:
 def _int_tuple(v: Any, what: str) -> tuple[int, ...]:
   if not isinstance(v, (tuple, list)) or len(v) > _MAX_DIMS or not all(_is_int(x) for x in v):
     raise CheckpointError(f"a tensor's {what} is not a tuple of at most {_MAX_DIMS} integers: "
-                          f"{v!r:.80}")
+                          f"{_show(v, 80)}")
   return tuple(v)
 
 
@@ -71,7 +78,7 @@ def _rebuild_tensor(storage, offset, size, stride, *unused) -> np.ndarray:
   if not isinstance(storage, np.ndarray) or storage.ndim != 1:
     raise CheckpointError(f"a tensor's storage is not a storage record ({type(storage).__name__})")
   if not _is_int(offset) or offset < 0:
-    raise CheckpointError(f"a tensor has a bad storage offset {offset!r:.40}")
+    raise CheckpointError(f"a tensor has a bad storage offset {_show(offset, 40)}")
   size, stride = _int_tuple(size, "shape"), _int_tuple(stride, "stride")
   if len(size) != len(stride):
     raise CheckpointError(f"a tensor has shape {size} but {len(stride)} strides {stride}")
@@ -128,12 +135,12 @@ class _Unpickler(pickle.Unpickler):
 
   def persistent_load(self, pid) -> np.ndarray:
     if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-      raise CheckpointError(f"unexpected persistent id in checkpoint: {pid!r:.80}")
+      raise CheckpointError(f"unexpected persistent id in checkpoint: {_show(pid, 80)}")
     _, storage_type, key, _location, numel = pid
     if not isinstance(storage_type, _StorageType) or storage_type.name not in _STORAGE_DTYPES:
-      raise CheckpointError(f"unknown storage type {storage_type!r:.40} in checkpoint")
+      raise CheckpointError(f"unknown storage type {_show(storage_type, 40)} in checkpoint")
     if not isinstance(key, str) or not key.isalnum():
-      raise CheckpointError(f"bad storage key {key!r:.40} in checkpoint")
+      raise CheckpointError(f"bad storage key {_show(key, 40)} in checkpoint")
     name = storage_type.name
     if key in self._cache:
       arr, cached_name = self._cache[key]
@@ -142,7 +149,7 @@ class _Unpickler(pickle.Unpickler):
       return arr
     itemsize = 2 if name == "BFloat16Storage" else np.dtype(_STORAGE_DTYPES[name]).itemsize
     if not _is_int(numel) or numel < 0 or numel * itemsize > _MAX_STORAGE_BYTES:
-      raise CheckpointError(f"storage {key} has a bad size {numel!r:.40}")
+      raise CheckpointError(f"storage {key} has a bad size {_show(numel, 40)}")
     member = f"{self._prefix}/data/{key}" if self._prefix else f"data/{key}"
     try:
       info = self._zf.getinfo(member)
@@ -162,6 +169,19 @@ class _Unpickler(pickle.Unpickler):
     arr.flags.writeable = False
     self._cache[key] = (arr, name)
     return arr
+
+
+# Protocol-5 buffer opcodes (mutable bytearrays, out-of-band buffers): never in a torch file, and
+# a damaged pickle using them made CPython free a bytearray that a buffer still pointed at.
+_DENIED_OPCODES = frozenset({"BYTEARRAY8", "NEXT_BUFFER", "READONLY_BUFFER"})
+
+
+def _check_opcodes(data: bytes) -> None:
+  """Walks the pickle's opcodes before running any (also rejects malformed opcode streams)."""
+  for op, _, pos in pickletools.genops(data):
+    if op.name in _DENIED_OPCODES:
+      raise CheckpointError(f"data.pkl uses the {op.name} opcode at byte {pos}, which a "
+                            "PyTorch checkpoint never does")
 
 
 _CORRUPT = (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, pickle.UnpicklingError,
@@ -194,10 +214,12 @@ def load_pth(path: str | Path) -> Any:
       prefix = pkls[0][: -len("/data.pkl")] if "/" in pkls[0] else ""
       if zf.getinfo(pkls[0]).file_size > _MAX_PICKLE_BYTES:
         raise CheckpointError(f"{pkls[0]} is larger than {_MAX_PICKLE_BYTES >> 20} MiB")
-      with zf.open(pkls[0]) as f:
-        return _Unpickler(f, zf, prefix).load()
+      data = zf.read(pkls[0])
+      _check_opcodes(data)
+      return _Unpickler(io.BytesIO(data), zf, prefix).load()
   except CheckpointError as e:
     raise CheckpointError(f"{path}: {e}") from None
   except _CORRUPT as e:  # a damaged pickle can fail in any of these ways inside the unpickler
+    detail = repr(str(e))[1:-1][:200]  # escaped: the text may quote raw pickle bytes
     raise CheckpointError(f"{path}: corrupt or truncated checkpoint "
-                          f"({type(e).__name__}: {str(e)[:200]})") from e
+                          f"({type(e).__name__}: {detail})") from e
