@@ -231,6 +231,9 @@ def test_different_config_refuses_unless_overwrite(tmp_path):
   same.progress, same.report.figures, same.eval.batch_size = False, True, 1  # no effect on numbers
   with wd.claim(tmp_path, same.to_dict()):
     pass
+  older = old.to_dict()
+  del older["eval"]["tile_blend"]  # a results.json written before a field existed
+  assert wd.config_differences(older, base.get_config(scale=4, bits=2).to_dict()) == []
 
 
 # --- DOBI reuse on resume (item 8) ----------------------------------------------------------

@@ -54,9 +54,10 @@ def _normalise(config_dict: Mapping) -> dict[str, Any]:
 
 
 def config_differences(old: Mapping, new: Mapping) -> list[str]:
-  """Fields (dotted) whose values differ between two config dicts, ignoring neutral fields."""
+  """Fields (dotted) whose values differ between two config dicts, ignoring neutral fields and
+  fields only one of them has (added or removed since the older run: it could not set them)."""
   a, b = _normalise(old), _normalise(new)
-  return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+  return sorted(k for k in set(a) & set(b) if a[k] != b[k])
 
 
 def check_finished_run(workdir: Path, config_dict: Mapping, overwrite: bool) -> None:
