@@ -133,7 +133,8 @@ def acquire(workdir: Path) -> Path:
       where = "" if host == me["host"] else " (another host: cannot check it; delete the lock " \
           "if that run is gone)"
       raise WorkdirError(f"{workdir} is in use by PID {pid} on {host} since {started} "
-                         f"({path}){where}; wait for it or use another --workdir")
+                         f"({path}){where}; wait for it, use another --workdir, or delete "
+                         "the lock if that PID is not a run of this project")
     with os.fdopen(fd, "w") as f:
       json.dump(me, f)
     return path
