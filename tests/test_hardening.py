@@ -129,8 +129,8 @@ def test_skipped_patch_images_make_one_short_line():
 
 
 def _main(args, env_extra=None, timeout=300):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", **(env_extra or {})}
-  env.pop("TWODQUANT_DEBUG", None) if not env_extra else None
+  env = {k: v for k, v in os.environ.items() if k != "TWODQUANT_DEBUG"}
+  env.update({"JAX_PLATFORMS": "cpu", **(env_extra or {})})
   return subprocess.run([sys.executable, str(REPO_ROOT / "main.py")] + args, cwd=REPO_ROOT,
                         capture_output=True, text=True, env=env, timeout=timeout)
 
