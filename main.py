@@ -1,8 +1,13 @@
 """Command line: `python main.py --config=configs/x4_w2.py [--workdir=DIR] [--config.X=Y ...]`.
 
-Thin by design: parses flags and calls `twodquant_jax.pipeline.run`.
+Thin by design: parses flags and calls `twodquant_jax.pipeline.run`. The project's own errors
+(bad settings, missing or corrupt files, a busy workdir) end in ONE line naming the file and
+what to do; `--verbosity=1` or TWODQUANT_DEBUG=1 shows the traceback (and other packages' INFO
+logs, which are otherwise hidden).
 """
 
+import logging as logging_std
+import os
 import sys
 
 from absl import app, flags, logging
@@ -10,6 +15,10 @@ from ml_collections import config_flags
 
 from twodquant_jax import pipeline
 from twodquant_jax.io.download import DownloadError
+from twodquant_jax.io.torch_pickle import CheckpointError
+from twodquant_jax.workdir import WorkdirError
+
+PACKAGE = "twodquant_jax"
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
@@ -30,18 +39,70 @@ def parse_flags(argv: list[str]) -> list[str]:
     sys.exit(1)
 
 
+def debugging() -> bool:
+  """Tracebacks and third-party INFO logs: `--verbosity=1` (or more) or TWODQUANT_DEBUG=1."""
+  return FLAGS.verbosity >= 1 or os.environ.get("TWODQUANT_DEBUG", "") not in ("", "0")
+
+
+class _OwnInfoOnly(logging_std.Filter):
+  """Drops INFO/DEBUG records of other packages (orbax writes ~48 lines per checkpoint save,
+  all through absl's logger) and keeps this project's, and every warning and error."""
+
+  def filter(self, record: logging_std.LogRecord) -> bool:
+    if record.levelno >= logging_std.WARNING:
+      return True
+    path = record.pathname.replace(os.sep, "/")
+    return f"/{PACKAGE}/" in path or path.endswith("/main.py")
+
+
+def setup_logging() -> None:
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.INFO)
+  if not debugging():
+    logging.get_absl_handler().addFilter(_OwnInfoOnly())
+
+
+def fail_line(error: BaseException) -> str:
+  """The one line a user sees for a project error: what happened (the message names the file
+  or field) and what to do."""
+  msg = " ".join(str(error).split()) or type(error).__name__
+  hint = ""
+  if isinstance(error, CheckpointError):
+    hint = ("fix --config.model.checkpoint (a SwinIR-light .pth as released) or leave it empty "
+            "to download the official weights")
+  elif isinstance(error, FileNotFoundError):
+    hint = "check the path in the config (--config.data.root, calib.*, model.*, dqc.val_root)"
+  elif isinstance(error, (PermissionError, IsADirectoryError)):
+    hint = "check the permissions of that path, or use another --workdir"
+  elif isinstance(error, OSError):
+    hint = "check the disk and the path"
+  elif isinstance(error, ValueError) and "remove or replace" not in msg:
+    hint = "fix, replace or remove that input"
+  msg = msg.rstrip(".") if hint else msg
+  tail = f"; {hint}" if hint else ""
+  return (f"FATAL {type(error).__name__}: {msg}{tail} (traceback: --verbosity=1 or "
+          "TWODQUANT_DEBUG=1)")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
     pipeline.validate(FLAGS.config)
-  except ValueError as e:  # a bad value: say so without a traceback
-    raise app.UsageError(str(e)) from e
-  logging.set_verbosity(logging.INFO)
+  except ValueError as e:  # a bad value: one line naming the field, no usage text or traceback
+    if debugging():
+      raise
+    sys.stderr.write(f"FATAL bad setting: {e} (the fields and their defaults are in "
+                     "configs/base.py)\n")
+    sys.exit(1)
+  setup_logging()
   try:
     pipeline.run(FLAGS.config, FLAGS.workdir or None)
-  except DownloadError as e:  # offline, a bad checksum, data missing: one line, no traceback
-    sys.exit(f"FATAL {e}")
+  except (ValueError, OSError, WorkdirError, DownloadError) as e:  # the project's own errors
+    if debugging():
+      raise
+    sys.stderr.write(fail_line(e) + "\n")
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -36,9 +36,12 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
 
   c.eval = ml_collections.ConfigDict()
   c.eval.datasets = "Set5,Set14,B100,Urban100,Manga109"
-  c.eval.batch_size = 8  # images (or tiles) of the same padded size per jitted call
+  c.eval.batch_size = 8  # at most this many images (or tiles) of one padded size per jitted call
   c.eval.tile = 0  # LR tile size for large images (multiple of 8); 0 = whole images
-  c.eval.tile_overlap = 32
+  # LR pixels shared by neighbouring tiles. Each SR pixel is taken from the tile where it is
+  # farthest from an inner edge (eval.tile_blend); at tile 64 the tiled PSNR is then within
+  # 0.002 dB of whole images from overlap 8 up (README, notes/issue12_figures.md).
+  c.eval.tile_overlap = 16
   c.eval.save_sr = False  # write the SR PNGs to <workdir>/sr/<method>/<dataset>/
 
   c.calib = ml_collections.ConfigDict()
@@ -96,4 +99,14 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
       "layers.0.residual_group.blocks.0.attn.qkv.q.weight_quantizer,"
       "layers.0.residual_group.blocks.0.mlp.fc2.act_quantizer,"
       "layers.3.residual_group.blocks.5.attn.mymodule_a")
+
+  # Robustness (issue 12): evaluation memory budget, workdir overwrite.
+  # LR pixels (after padding) per jitted evaluation call: peak memory grows with it (~50 KB
+  # per padded LR pixel at x4 on CPU, measured); eval.batch_size stays a cap on the images per
+  # call. An image above the budget runs alone. 0 = no budget (batch_size only).
+  c.eval.batch_pixels = 256 * 256
+  # center: each SR pixel from the tile where it is farthest from an inner edge | mean: average
+  # the overlaps (the old way: 0.01-0.08 dB below whole images, window attention lacks context)
+  c.eval.tile_blend = "center"
+  c.overwrite = False  # allow a run whose config differs from the workdir's finished run
   return c

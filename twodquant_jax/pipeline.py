@@ -8,6 +8,7 @@ benchmarks -> SR images -> PSNR/SSIM -> results.json / results.md / figures in t
 from __future__ import annotations
 
 import functools
+import dataclasses
 import json
 import platform
 import sys
@@ -23,6 +24,7 @@ from absl import logging
 
 from twodquant_jax import figure_inputs
 from twodquant_jax import settings as run_settings
+from twodquant_jax import workdir as workdir_guard
 from twodquant_jax.data import patches
 from twodquant_jax.data.benchmarks import load_benchmark
 from twodquant_jax.data.images import save_png
@@ -33,6 +35,7 @@ from twodquant_jax.nn.swinir import SwinIR, variable_shapes
 from twodquant_jax.ptq import methods as method_registry
 from twodquant_jax.ptq import names as qnames
 from twodquant_jax.ptq.dobi import calibrate_many
+from twodquant_jax.ptq.dqc import checkpoint as dqc_checkpoint
 from twodquant_jax.ptq.dqc import loop as dqc_loop
 from twodquant_jax.report import figures
 from twodquant_jax.report import tables as report
@@ -74,7 +77,8 @@ def sr_predictor(config: ml_collections.ConfigDict, params: dict, quant: dict | 
     variables = {"params": params, "quant": quant}
   return evaluate.Predictor(fn, config.scale, batch_size=config.eval.batch_size,
                             tile=config.eval.tile or None, tile_overlap=config.eval.tile_overlap,
-                            variables=variables)
+                            variables=variables, batch_pixels=config.eval.batch_pixels or None,
+                            tile_blend=config.eval.tile_blend)
 
 
 def evaluate_method(config, method: str, predict, datasets: dict, workdir: Path,
@@ -94,10 +98,23 @@ def evaluate_method(config, method: str, predict, datasets: dict, workdir: Path,
     res = evaluate.evaluate_images(predict, images, config.scale, chunk=config.eval.batch_size,
                                    progress=_progress(config), desc=f"{method} {name}",
                                    on_image=on_image)
+    res["tiled"] = tiling_record(config, images) if method != "bicubic" else None
     logging.info("%-10s %-9s PSNR %.2f dB  SSIM %.4f  (%d images, %.1f s)", method, name,
                  res["psnr"], res["ssim"], res["num_images"], res["seconds"])
     out[name] = res
   return out
+
+
+def tiling_record(config: ml_collections.ConfigDict, images) -> dict | None:
+  """How a dataset's numbers were made: None = whole images, else the tile, overlap and the
+  names of the images that were cut into tiles (tiled PSNR is a little lower, see README)."""
+  tile = int(config.eval.tile or 0)
+  names = [im.name for im in images
+           if tile and max(-(-s // 8) * 8 for s in im.lr.shape[:2]) > tile]
+  if not names:
+    return None
+  return {"tile": tile, "tile_overlap": int(config.eval.tile_overlap),
+          "tile_blend": str(config.eval.tile_blend), "images": names}
 
 
 def _progress(config) -> bool:
@@ -119,15 +136,24 @@ def write_results(workdir: Path, results: dict) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) -> dict:
-  """Runs the configured method(s) end to end and writes the workdir; returns the results."""
+  """Runs the configured method(s) end to end and writes the workdir; returns the results.
+
+  Every setting and input path is checked first; the workdir is locked for the run and a
+  different run's results are not replaced unless config.overwrite (twodquant_jax/workdir.py).
+  """
   validate(config)
+  run_settings.check_paths(config)
   workdir = Path(workdir) if workdir else default_workdir(config)
-  workdir.mkdir(parents=True, exist_ok=True)
+  with workdir_guard.claim(workdir, config.to_dict(), overwrite=bool(config.overwrite)):
+    return _run(config, workdir)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
   t_start = time.perf_counter()
   with jax.default_matmul_precision(config.matmul_precision):
     params, ckpt_bounds, ckpt_path = load_params(config)
     config = run_settings.with_local_data(config, has_bounds=bool(ckpt_bounds))  # downloads
-    datasets = {n: load_benchmark(config.data.root, n, config.scale)
+    datasets = {n: load_benchmark(config.data.root, n, config.scale)  # bad images fail first
                 for n in dataset_names(config)}
     results: dict[str, Any] = {
         "config": config.to_dict(), "checkpoint": str(ckpt_path), "scale": config.scale,
@@ -135,7 +161,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) ->
         "ratios": ratios.ratios(params, SwinIR(upscale=config.scale), config.bits),
     }
     calib_lr = functools.cache(lambda: calibration_batch(config))
-    bounds = _initial_bounds(config, params, ckpt_bounds, results, calib_lr)
+    bounds = _initial_bounds(config, params, ckpt_bounds, results, calib_lr, workdir)
     kept: dict = {} if config.report.figures else None
     for method in methods_of(config):
       t0 = time.perf_counter()
@@ -147,7 +173,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) ->
         if method == "2dquant" and "2dquant" not in bounds:
           if "dobi" not in methods_of(config):  # keep the starting point (figures, reruns)
             bounds_file.save_bounds(workdir / "bounds_dobi.json", bounds["dobi"],
-                                {"method": "dobi", "bits": config.bits, "scale": config.scale})
+                                {"method": "dobi", "bits": config.bits, "scale": config.scale,
+                                 "identity": entry.get("dobi_identity")})
           bounds["2dquant"], entry["dqc"] = run_dqc(config, params, bounds["dobi"], workdir)
         quant = bounds.get(method)
         if quant is not None:
@@ -178,7 +205,8 @@ def make_figures(config: ml_collections.ConfigDict, workdir: Path, results: dict
   return figures.write_all(inputs, workdir / "figures")
 
 
-def _initial_bounds(config, params, ckpt_bounds, results, calib_lr) -> dict[str, dict]:
+def _initial_bounds(config, params, ckpt_bounds, results, calib_lr, workdir: Path | None = None
+                    ) -> dict[str, dict]:
   """Bounds before DQC for the methods to run: loaded from a file or the checkpoint when given,
   else MinMax / Percentile / DOBI (also DOBI for 2DQuant) from ONE capture pass of the FP model
   on the calibration batch. Records where they came from in results['methods']."""
@@ -204,7 +232,13 @@ def _initial_bounds(config, params, ckpt_bounds, results, calib_lr) -> dict[str,
   init = sorted(wanted - {"2dquant"})
   if not init:
     return bounds
-  calibrated = calibrate_many(params, config.scale, calib_lr(),
+  lr = calib_lr()
+  if "2dquant" in wanted and "dobi" not in methods and workdir is not None:
+    if _reuse_dobi(config, params, lr, workdir, like, bounds, results):
+      init.remove("dobi")
+  if not init:
+    return bounds
+  calibrated = calibrate_many(params, config.scale, lr,
                               {m: (config.bits, calib_settings(config, m)) for m in init},
                               progress=_progress(config))
   for m, (quant, info) in calibrated.items():
@@ -223,6 +257,24 @@ def dqc_validator(config: ml_collections.ConfigDict, params: dict, model: SwinIR
   images = validation.load_validation_images(config.dqc.val_root, config.scale,
                                              int(config.dqc.val_images), int(config.dqc.val_crop))
   return lambda quant: validation.validate_psnr(params, quant, images, model)
+
+
+def _reuse_dobi(config, params, lr, workdir: Path, like, bounds: dict, results: dict) -> bool:
+  """Loads <workdir>/bounds_dobi.json into bounds['dobi'] when it was made from the same weights,
+  calibration batch and settings (a resumed 2DQuant run), instead of recomputing DOBI. Records
+  the identity in results either way, so the file written later carries it."""
+  identity = workdir_guard.dobi_identity(
+      config.bits, config.scale, dataclasses.asdict(calib_settings(config, "dobi")),
+      dqc_checkpoint.fingerprint(params), lr)
+  entry = results["methods"].setdefault("2dquant", {})
+  entry["dobi_identity"] = identity
+  path = workdir / "bounds_dobi.json"
+  if not workdir_guard.reusable_bounds(path, identity):
+    return False
+  bounds["dobi"] = bounds_file.load_bounds(path, like)
+  entry["calibration"] = {"method": "dobi", "reused": str(path)}
+  logging.info("DOBI: reusing %s (same weights, calibration batch and settings)", path)
+  return True
 
 
 def run_dqc(config: ml_collections.ConfigDict, params: dict, quant0: dict, workdir: Path

@@ -17,6 +17,7 @@ import ml_collections
 from twodquant_jax.figure_inputs import FigureSettings
 from twodquant_jax.io import data_cache
 from twodquant_jax.io.download import mirror_url
+from twodquant_jax.data import patches
 from twodquant_jax.ptq import methods as method_registry
 from twodquant_jax.ptq.dobi import CalibSettings
 from twodquant_jax.ptq.dqc.loop import LoopSettings
@@ -167,3 +168,59 @@ def validate(config: ml_collections.ConfigDict) -> None:
     dqc_settings(config)
     loop_settings(config)
   data_settings(config)
+  _check_ranges(config, quantized and not config.model.bounds, "2dquant" in methods)
+
+
+def _positive(config: ml_collections.ConfigDict, field: str, minimum: int = 1) -> None:
+  value = config
+  for part in field.split("."):
+    value = value[part]
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"config.{field} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_ranges(config: ml_collections.ConfigDict, calibrates: bool, dqc: bool) -> None:
+  """Numeric fields the typed settings do not check themselves, each named in its error."""
+  _positive(config, "eval.batch_size")
+  _positive(config, "eval.batch_pixels", 0)
+  _positive(config, "seed", 0)
+  _positive(config, "eval.tile_overlap", 0)
+  if config.eval.tile_blend not in ("center", "mean"):
+    raise ValueError(f"config.eval.tile_blend must be 'center' or 'mean', got "
+                     f"{config.eval.tile_blend!r}")
+  if config.eval.tile and config.eval.tile <= config.eval.tile_overlap:
+    raise ValueError(f"config.eval.tile ({config.eval.tile}) must be larger than "
+                     f"config.eval.tile_overlap ({config.eval.tile_overlap})")
+  if calibrates:
+    _positive(config, "dobi.num_candidates")
+    _positive(config, "calib.lr_size", 8)
+  if dqc and not config.model.bounds:
+    _positive(config, "dqc.val_images")
+    _positive(config, "dqc.val_crop", 0)
+    _positive(config, "dqc.data_workers", 0)
+
+
+def check_paths(config: ml_collections.ConfigDict) -> None:
+  """Every file or folder the run will read exists (FileNotFoundError naming the field), so a
+  typo fails in a second, not after calibration."""
+  methods = methods_of(config)
+  quantized = any(method_registry.REGISTRY[m].quantized for m in methods)
+  wanted = [("model.checkpoint", config.model.checkpoint, "file"),
+            ("model.bounds", config.model.bounds, "file"),
+            ("data.root", config.data.root, "dir")]
+  if quantized and not config.model.bounds:
+    wanted += [("calib.batch_file", config.calib.batch_file, "file")]
+    if not config.calib.batch_file:
+      wanted += [("calib.root", config.calib.root, "dir")]
+  if "2dquant" in methods and not config.model.bounds:
+    wanted += [("calib.root", config.calib.root, "dir"),
+               ("dqc.val_root", config.dqc.val_root, "dir")]
+  for field, value, kind in wanted:  # (the batch file itself is read and checked below)
+    if not value:
+      continue
+    path = Path(str(value)).expanduser()
+    if not (path.is_file() if kind == "file" else path.is_dir()):
+      raise FileNotFoundError(f"config.{field}: {'file' if kind == 'file' else 'folder'} "
+                              f"not found: {path}")
+  if quantized and not config.model.bounds and config.calib.batch_file:
+    patches.load_batch_file(config.calib.batch_file)  # small: a bad one fails now, named

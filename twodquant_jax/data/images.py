@@ -18,6 +18,17 @@ from PIL import UnidentifiedImageError
 
 PathLike = Union[str, os.PathLike]
 
+# File types read everywhere images are listed (benchmarks, calibration, validation).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def skipped_line(files: Sequence[PathLike], what: str, limit: int = 3) -> str:
+  """One short line naming up to `limit` skipped files and how many more (for the log)."""
+  names = [Path(f).name for f in files]
+  more = f" and {len(names) - limit} more" if len(names) > limit else ""
+  return f"skipped {len(names)} {what}: {', '.join(names[:limit])}{more}"
+
+
 # Modes PIL can convert to RGB itself without any question of value range.
 _PIL_TO_RGB_MODES = ("CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa", "La")
 

@@ -28,12 +28,11 @@ import numpy as np
 from PIL import Image
 
 from twodquant_jax.data.bicubic import imresize
-from twodquant_jax.data.images import load_rgb
+from twodquant_jax.data.images import IMAGE_EXTENSIONS, load_rgb, skipped_line
 
 PathLike = Union[str, os.PathLike]
 Batch = dict[str, Any]
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -114,10 +113,9 @@ def load_patch_source(folder: PathLike, min_size: int, *, in_memory: bool = True
     names.append(path.name)
     shapes.append((h, w))
     images.append(img)
-  if skipped:
-    logging.info("load_patch_source: skipped %d of %d images in %s smaller than the %dx%d HR "
-                 "patch: %s", len(skipped), len(files), folder, min_size, min_size,
-                 ", ".join(skipped))
+  if skipped:  # one short line, once per process (calibration and DQC both list the folder)
+    logging.log_first_n(logging.INFO, "load_patch_source: %s in %s (of %d)", 1, skipped_line(
+        skipped, f"images smaller than the {min_size}x{min_size} HR patch"), folder, len(files))
   if not names:
     raise ValueError(
         f"No image in {folder} is at least {min_size}x{min_size} pixels (the HR patch size); "

@@ -46,6 +46,54 @@ def _starts(size: int, tile: int, overlap: int) -> list[int]:
   return list(range(0, size - tile, stride)) + [size - tile]
 
 
+def tile_boxes(hw: tuple[int, int], tile: int, overlap: int
+               ) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+  """Top-left corners of the tiles covering an (H, W) image, and the tile shape."""
+  th, tw = min(tile, hw[0]), min(tile, hw[1])
+  boxes = [(i, j) for i in _starts(hw[0], th, overlap) for j in _starts(hw[1], tw, overlap)]
+  return boxes, (th, tw)
+
+
+def _owned(starts: list[int], size: int, tile: int) -> list[tuple[int, int]]:
+  """The [lo, hi) span each tile keeps along one axis under 'center' blending: the overlap of
+  two neighbours is split at its middle, so every kept pixel is at least half the overlap away
+  from an inner tile edge (where window attention lacks context)."""
+  spans = []
+  for k, a in enumerate(starts):
+    lo = 0 if k == 0 else (a + starts[k - 1] + tile) // 2
+    hi = size if k == len(starts) - 1 else (starts[k + 1] + a + tile) // 2
+    spans.append((lo, hi))
+  return spans
+
+
+def stitch(outs: Sequence[np.ndarray], boxes: Sequence[tuple[int, int]], hw: tuple[int, int],
+           tile_hw: tuple[int, int], scale: int, blend: str = "center") -> np.ndarray:
+  """Assembles SR tiles of an (H, W) LR image into (sH, sW, 3).
+
+  blend 'center': each SR pixel comes from the tile where it is farthest from an inner edge
+  (closest to whole-image results); 'mean': overlaps are averaged (edge pixels count equally).
+  """
+  (h, w), (th, tw), s = hw, tile_hw, scale
+  if blend == "center":
+    rows = dict(zip(sorted({i for i, _ in boxes}),
+                    _owned(sorted({i for i, _ in boxes}), h, th)))
+    cols = dict(zip(sorted({j for _, j in boxes}),
+                    _owned(sorted({j for _, j in boxes}), w, tw)))
+    out = np.zeros((h * s, w * s, 3), np.float32)
+    for (i, j), sr in zip(boxes, outs):
+      (r0, r1), (c0, c1) = rows[i], cols[j]
+      out[r0 * s:r1 * s, c0 * s:c1 * s] = sr[(r0 - i) * s:(r1 - i) * s, (c0 - j) * s:(c1 - j) * s]
+    return out
+  if blend != "mean":
+    raise ValueError(f"eval.tile_blend must be 'center' or 'mean', got {blend!r}")
+  out = np.zeros((h * s, w * s, 3), np.float64)
+  weight = np.zeros((h * s, w * s, 1), np.float64)
+  for (i, j), sr in zip(boxes, outs):
+    out[i * s:(i + th) * s, j * s:(j + tw) * s] += sr
+    weight[i * s:(i + th) * s, j * s:(j + tw) * s] += 1
+  return (out / weight).astype(np.float32)
+
+
 @functools.lru_cache(maxsize=None)
 def jitted_apply(scale: int, mode: str = "fp", bits: int = 4, arch: tuple = ()) -> Callable:
   """One jitted `(variables, x) -> SR` per model kind, shared by every Predictor of that kind.
@@ -57,6 +105,18 @@ def jitted_apply(scale: int, mode: str = "fp", bits: int = 4, arch: tuple = ()) 
   return jax.jit(lambda variables, x: model.apply(variables, x))
 
 
+# LR pixels per jitted call by default: one 256x256 LR image (a Manga109 page at x4, 296x208
+# padded, runs alone; Set5/Set14/B100 images still share a call).
+DEFAULT_BATCH_PIXELS = 256 * 256
+
+
+def images_per_batch(hw: tuple[int, int], batch_size: int, batch_pixels: int | None) -> int:
+  """How many images of padded size `hw` go in one call: the budget's share, at least one."""
+  if batch_pixels is None:
+    return batch_size
+  return max(1, min(batch_size, batch_pixels // max(1, hw[0] * hw[1])))
+
+
 @dataclasses.dataclass
 class Predictor:
   """Runs a super-resolution function over uint8 images with padding, batching, tiling.
@@ -64,19 +124,29 @@ class Predictor:
   Either `apply_fn(x)` (jitted here) or, with `variables`, an already jitted
   `apply_fn(variables, x)` such as `jitted_apply(...)`; it is traced once per distinct batch
   shape. `tile` (LR pixels, a multiple of `multiple`) caps the size fed at once; None never tiles.
+
+  Memory: a jitted call's peak memory grows with the LR pixels it holds (SwinIR-light at x4:
+  ~50 KB per padded LR pixel on the CPU backend, measured), so a batch holds at most
+  `batch_pixels` padded LR pixels and at most `batch_size` images or tiles. An image larger
+  than the budget runs alone (tile it to bound memory further). None = no pixel budget.
   """
   apply_fn: Callable
   scale: int
   multiple: int = 8
   batch_size: int = 8
   tile: int | None = None
-  tile_overlap: int = 32
+  tile_overlap: int = 16
   variables: Mapping | None = None
+  batch_pixels: int | None = DEFAULT_BATCH_PIXELS
+  tile_blend: str = "center"
 
   def __post_init__(self):
     if self.tile is not None and (self.tile % self.multiple or self.tile <= self.tile_overlap):
       raise ValueError(f"eval.tile must be a multiple of {self.multiple} larger than the overlap "
                        f"({self.tile_overlap}), got {self.tile}")
+    if self.batch_size < 1 or (self.batch_pixels is not None and self.batch_pixels < 1):
+      raise ValueError(f"eval.batch_size and eval.batch_pixels must be positive, got "
+                       f"{self.batch_size} and {self.batch_pixels}")
     if self.variables is None:
       self._call = jax.jit(self.apply_fn)
     else:
@@ -89,20 +159,13 @@ class Predictor:
 
   def _run_tiled(self, x: np.ndarray) -> np.ndarray:
     """x: one padded float image (H, W, 3) larger than the tile; returns (sH, sW, 3)."""
-    h, w = x.shape[:2]
-    t, s = self.tile, self.scale
-    th, tw = min(t, h), min(t, w)
-    boxes = [(i, j) for i in _starts(h, th, self.tile_overlap)
-             for j in _starts(w, tw, self.tile_overlap)]
-    out = np.zeros((h * s, w * s, 3), np.float64)
-    weight = np.zeros((h * s, w * s, 1), np.float64)
-    for k in range(0, len(boxes), self.batch_size):
-      chunk = boxes[k:k + self.batch_size]
-      sr = self._run(np.stack([x[i:i + th, j:j + tw] for i, j in chunk]))
-      for (i, j), tile_sr in zip(chunk, sr):
-        out[i * s:(i + th) * s, j * s:(j + tw) * s] += tile_sr
-        weight[i * s:(i + th) * s, j * s:(j + tw) * s] += 1
-    return (out / weight).astype(np.float32)
+    boxes, (th, tw) = tile_boxes(x.shape[:2], self.tile, self.tile_overlap)
+    per = images_per_batch((th, tw), self.batch_size, self.batch_pixels)
+    outs = []
+    for k in range(0, len(boxes), per):
+      chunk = boxes[k:k + per]
+      outs.extend(self._run(np.stack([x[i:i + th, j:j + tw] for i, j in chunk])))
+    return stitch(outs, boxes, x.shape[:2], (th, tw), self.scale, self.tile_blend)
 
   def predict(self, lrs: Sequence[np.ndarray]) -> list[np.ndarray]:
     """uint8 LR images (H, W, 3) -> float32 SR images (sH, sW, 3), unclipped, in input order."""
@@ -114,9 +177,10 @@ class Predictor:
         results[idx] = self._run_tiled(p)
       else:
         groups.setdefault(p.shape[:2], []).append(idx)
-    for idxs in groups.values():
-      for k in range(0, len(idxs), self.batch_size):
-        chunk = idxs[k:k + self.batch_size]
+    for hw, idxs in groups.items():
+      per = images_per_batch(hw, self.batch_size, self.batch_pixels)
+      for k in range(0, len(idxs), per):
+        chunk = idxs[k:k + per]
         for idx, sr in zip(chunk, self._run(np.stack([padded[i] for i in chunk]))):
           results[idx] = sr
     s = self.scale
