@@ -78,7 +78,7 @@ def server(tmp_path):
   srv.server_close()
 
 
-def _png_bytes(seed: int, size: int = 8) -> bytes:
+def _png_bytes(seed: int, size: int = 24) -> bytes:
   img = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
   buf = io.BytesIO()
   from PIL import Image
