@@ -1,6 +1,8 @@
 """Command line: `python main.py --config=configs/x4_w2.py [--workdir=DIR] [--config.X=Y ...]`.
 
-Thin by design: parses flags and calls `twodquant_jax.pipeline.run`.
+Thin by design: parses flags, joins a multi-process run if one is configured (or detected),
+and calls `twodquant_jax.pipeline.run`, or `twodquant_jax.sweep.run` for a config with a
+`sweep` block (configs/sweep.py).
 """
 
 import sys
@@ -8,7 +10,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from twodquant_jax import pipeline
+from twodquant_jax import distributed, pipeline, sweep
+from twodquant_jax.settings import distributed_settings
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).", lock_config=True)
@@ -32,12 +35,14 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  job = sweep if "sweep" in FLAGS.config else pipeline
   try:
-    pipeline.validate(FLAGS.config)
+    job.validate(FLAGS.config)
   except ValueError as e:  # a bad value: say so without a traceback
     raise app.UsageError(str(e)) from e
   logging.set_verbosity(logging.INFO)
-  pipeline.run(FLAGS.config, FLAGS.workdir or None)
+  distributed.initialize(distributed_settings(FLAGS.config))
+  job.run(FLAGS.config, FLAGS.workdir or None)
 
 
 if __name__ == "__main__":

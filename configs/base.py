@@ -87,4 +87,14 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
       "layers.0.residual_group.blocks.0.attn.qkv.q.weight_quantizer,"
       "layers.0.residual_group.blocks.0.mlp.fc2.act_quantizer,"
       "layers.3.residual_group.blocks.5.attn.mymodule_a")
+
+  # Multi-process runs on jax.distributed (twodquant_jax/distributed.py). All empty: one
+  # process, unless JAX's cluster auto-detection finds a cluster (SLURM, Open MPI, TPU pod...).
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator = ""  # HOST:PORT of process 0 (every process names the same)
+  c.distributed.num_processes = 0  # with coordinator: how many processes join
+  c.distributed.process_id = -1  # with coordinator: this process's index, 0 .. num_processes-1
+  c.distributed.timeout_s = 100  # a peer silent this long (missed heartbeats) stops the others
+  c.distributed.init_timeout_s = 300  # wait this long for every process to join (and leave)
+  c.distributed.auto = True  # no coordinator: try JAX's cluster auto-detection if one is found
   return c

@@ -7,6 +7,7 @@ benchmarks -> SR images -> PSNR/SSIM -> results.json / results.md / figures in t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
 import sys
@@ -20,6 +21,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from twodquant_jax import distributed
 from twodquant_jax import settings as run_settings
 from twodquant_jax.data import patches
 from twodquant_jax.data.benchmarks import load_benchmark
@@ -38,6 +40,24 @@ from twodquant_jax.settings import calib_settings, dataset_names, methods_of, va
 def default_workdir(config: ml_collections.ConfigDict) -> Path:
   bits = "" if config.method in ("fp", "bicubic") else f"_w{config.bits}"
   return Path("runs") / f"x{config.scale}{bits}_{config.method}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+  """What a run reads before any work: FP params, bounds stored in the checkpoint, the
+  checkpoint's path and the benchmarks. A sweep loads them once per scale and shares them."""
+  params: dict
+  ckpt_bounds: dict
+  ckpt_path: Path
+  datasets: dict
+
+
+def load_inputs(config: ml_collections.ConfigDict) -> Inputs:
+  """Reads the checkpoint and the benchmarks of `config` (its scale and eval.datasets)."""
+  params, ckpt_bounds, ckpt_path = load_params(config)
+  datasets = {n: load_benchmark(config.data.root, n, config.scale)
+              for n in dataset_names(config)}
+  return Inputs(params, ckpt_bounds, ckpt_path, datasets)
 
 
 def load_params(config: ml_collections.ConfigDict) -> tuple[dict, dict, Path]:
@@ -76,7 +96,7 @@ def evaluate_method(config, method: str, predict, datasets: dict, workdir: Path)
   out = {}
   for name, images in datasets.items():
     on_image = None
-    if config.eval.save_sr:
+    if config.eval.save_sr and distributed.is_primary():
       folder = workdir / "sr" / method / name
       on_image = lambda img, sr, folder=folder: save_png(folder / f"{img.name}.png", sr)
     res = evaluate.evaluate_images(predict, images, config.scale, chunk=config.eval.batch_size,
@@ -99,6 +119,9 @@ def _environment() -> dict[str, Any]:
 
 
 def write_results(workdir: Path, results: dict) -> None:
+  """results.json (atomically) and results.md; only process 0 writes in a multi-process run."""
+  if not distributed.is_primary():
+    return
   workdir.mkdir(parents=True, exist_ok=True)
   tmp = workdir / "results.json.tmp"
   tmp.write_text(json.dumps(results, indent=1, default=float))
@@ -106,18 +129,24 @@ def write_results(workdir: Path, results: dict) -> None:
   (workdir / "results.md").write_text(report.results_markdown(results))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) -> dict:
-  """Runs the configured method(s) end to end and writes the workdir; returns the results."""
+def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None, *,
+        inputs: Inputs | None = None) -> dict:
+  """Runs the configured method(s) end to end and writes the workdir; returns the results.
+
+  `inputs`: the checkpoint and benchmarks already loaded for this config (a sweep's cells
+  share them); None reads them. results.json says "complete": true only once all is done.
+  """
   validate(config)
   workdir = Path(workdir) if workdir else default_workdir(config)
   workdir.mkdir(parents=True, exist_ok=True)
   t_start = time.perf_counter()
   with jax.default_matmul_precision(config.matmul_precision):
-    params, ckpt_bounds, ckpt_path = load_params(config)
-    datasets = {n: load_benchmark(config.data.root, n, config.scale)
-                for n in dataset_names(config)}
+    inputs = inputs or load_inputs(config)
+    params, ckpt_bounds, ckpt_path = inputs.params, inputs.ckpt_bounds, inputs.ckpt_path
+    datasets = inputs.datasets
     results: dict[str, Any] = {
-        "config": config.to_dict(), "checkpoint": str(ckpt_path), "scale": config.scale,
+        "complete": False, "config": config.to_dict(), "checkpoint": str(ckpt_path),
+        "scale": config.scale,
         "bits": config.bits, "methods": {}, "environment": _environment(),
         "ratios": ratios.ratios(params, SwinIR(upscale=config.scale), config.bits),
     }
@@ -130,7 +159,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) ->
         predict = evaluate.bicubic_predict(config.scale)
       else:
         if method == "2dquant" and "2dquant" not in bounds:
-          if "dobi" not in methods_of(config):  # keep the starting point (figures, reruns)
+          if "dobi" not in methods_of(config) and distributed.is_primary():  # keep the start
             bounds_file.save_bounds(workdir / "bounds_dobi.json", bounds["dobi"],
                                 {"method": "dobi", "bits": config.bits, "scale": config.scale})
           bounds["2dquant"], entry["dqc"] = run_dqc(config, params, bounds["dobi"], workdir)
@@ -142,9 +171,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) ->
       entry["seconds"] = time.perf_counter() - t0
       results["seconds_total"] = time.perf_counter() - t_start
       write_results(workdir, results)
-    if config.report.figures:
+    if config.report.figures and distributed.is_primary():
       report.make_figures(config, workdir, results, params=params, datasets=datasets)
   results["seconds_total"] = time.perf_counter() - t_start
+  results["complete"] = True
   write_results(workdir, results)
   return results
 
@@ -179,7 +209,7 @@ def _initial_bounds(config, params, ckpt_bounds, results) -> dict[str, dict]:
                               {m: (config.bits, calib_settings(config, m)) for m in init},
                               progress=_progress(config))
   for m, (quant, info) in calibrated.items():
-    bounds[m] = quant
+    bounds[m] = distributed.from_primary(quant, f"{m} bounds")  # identical on every process
     if m in methods:
       results["methods"].setdefault(m, {})["calibration"] = info
     else:  # DOBI only as the start of 2DQuant
@@ -206,6 +236,7 @@ def _save_bounds(config, workdir: Path, method: str, quant: dict) -> str:
   """bounds.json for a single-method run (dobi or 2dquant), else bounds_<method>.json."""
   single = len(methods_of(config)) == 1 and method in ("dobi", "2dquant")
   fname = "bounds.json" if single else f"bounds_{method}.json"
-  bounds_file.save_bounds(workdir / fname, quant, {"method": method, "bits": config.bits,
-                                               "scale": config.scale})
+  if distributed.is_primary():
+    bounds_file.save_bounds(workdir / fname, quant, {"method": method, "bits": config.bits,
+                                                     "scale": config.scale})
   return fname

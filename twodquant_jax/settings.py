@@ -11,6 +11,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from twodquant_jax.distributed import DistributedSettings
 from twodquant_jax.ptq import methods as method_registry
 from twodquant_jax.ptq.dobi import CalibSettings
 from twodquant_jax.ptq.dqc.loop import LoopSettings
@@ -65,10 +66,22 @@ def loop_settings(config: ml_collections.ConfigDict) -> LoopSettings:
                       val_every=int(d.val_every), data_workers=int(d.data_workers))
 
 
+def distributed_settings(config: ml_collections.ConfigDict) -> DistributedSettings:
+  """config.distributed (absent in an old config: one process, auto-detection only)."""
+  d = config.get("distributed")
+  if d is None:
+    return DistributedSettings()
+  return DistributedSettings(coordinator=str(d.coordinator).strip(),
+                             num_processes=int(d.num_processes), process_id=int(d.process_id),
+                             timeout_s=int(d.timeout_s), init_timeout_s=int(d.init_timeout_s),
+                             auto=bool(d.auto))
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError (one line, naming the field) for any bad setting, before any work."""
   if config.scale not in (2, 3, 4):
     raise ValueError(f"config.scale must be 2, 3 or 4, got {config.scale}")
+  distributed_settings(config)
   methods = methods_of(config)
   dataset_names(config)
   quantized = [m for m in methods if method_registry.REGISTRY[m].quantized]

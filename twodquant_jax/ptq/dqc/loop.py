@@ -147,21 +147,27 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
   resumed_from = start if meta else None
   seconds_before = float(meta.get("seconds", 0.0))
   final_loss = float(meta.get("loss", float("nan")))
-  ckpt.truncate_log(log_path, start)
+  writer = jax.process_index() == 0  # one log for a multi-process run
+  if writer:
+    ckpt.truncate_log(log_path, start)
   validation: list[dict[str, float]] = []
   last_saved = resumed_from
   bar = _Progress(settings.steps, start, progress, loop.progress_every_s)
   t0 = time.perf_counter()
   first_step_seconds = t_after_first = None
 
-  def finish(state: DQCState, metrics: Mapping) -> None:
-    """Host side of a completed step: finiteness, log, progress, validation, checkpoint."""
+  def finish(step: int, state: DQCState, metrics: Mapping) -> None:
+    """Host side of completed step `step`: finiteness, log, progress, validation, checkpoint.
+
+    `state` is read only at validation / checkpoint steps, which are finished before the next
+    step is dispatched (a deferred step's state has been donated to the next step by then).
+    """
     nonlocal final_loss, last_saved
-    step, m = int(state.step), jax.device_get(metrics)
+    m = jax.device_get(metrics)
     if not bool(m["finite"]):
       manager.wait_until_finished()
       what = "the loss" if not bool(m["loss_finite"]) else "a bound (or the Adam state)"
-      raise NonFiniteError(step + 1, what, last_saved)
+      raise NonFiniteError(step, what, last_saved)
     final_loss = float(m["loss"])
     seconds = seconds_before + time.perf_counter() - t0
     bar.update(step, final_loss)
@@ -171,11 +177,11 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
                 "l_feature": float(m["l_feature"]), "lr": float(schedule(step - 1)),
                 "seconds": round(seconds, 3)}
     if validate is not None and (step % loop.val_every == 0 or step == settings.steps):
-      psnr = validate(state.quant)
+      psnr = validate(jax.device_get(state.quant))  # host copy: a local computation everywhere
       validation.append({"step": step, "psnr": psnr})
       record = {**(record or {"step": step}), "val_psnr": psnr}
       logging.info("DQC step %d: held-out PSNR(Y) %.3f dB", step, psnr)
-    if record is not None:
+    if record is not None and writer:
       ckpt.append_log(log_path, record)
     if callback is not None:
       callback(step, {k: v.item() for k, v in m.items()})
@@ -189,13 +195,13 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
   try:
     if start < settings.steps:
       stream = _batches(loop, settings.scale, start, settings.steps - start, mesh)
-    pending = None  # (state, metrics) of the last dispatched step, checked one step later
+    pending = None  # (step, state, metrics) of the last dispatched step, checked one step later
     for k in range(start, settings.steps):
       new_state, metrics = step_fn(state, next(stream), params)
       if pending is not None:
         finish(*pending)  # overlaps with step k running on the device
       # A non-finite step returns its input state, which was donated: keep the returned one.
-      state, pending = new_state, (new_state, metrics)
+      state, pending = new_state, (k + 1, new_state, metrics)
       if first_step_seconds is None:
         jax.block_until_ready(metrics)
         first_step_seconds = time.perf_counter() - t0
@@ -244,11 +250,28 @@ def _resume(manager, state: DQCState, identity: Mapping, steps: int, sharding
   return restored, meta
 
 
+def process_rows(sharding: NamedSharding, batch_size: int) -> list[int]:
+  """The rows of a global batch that live on this process's devices, in global order (all rows
+  in a single-process run)."""
+  shape = (batch_size, 1)
+  rows: set[int] = set()
+  for index in sharding.addressable_devices_indices_map(shape).values():
+    rows.update(range(batch_size)[index[0]])
+  return sorted(rows)
+
+
 def _batches(loop: LoopSettings, scale: int, start: int, num_steps: int, mesh: Mesh):
-  """The prefetched, step-indexed stream of uint8 LR batches, sharded along 'data'."""
+  """The prefetched, step-indexed stream of uint8 LR batches, sharded along 'data'.
+
+  Each process cuts only its own rows of every (seed, step) batch and the global array is
+  assembled from the processes' parts, so N processes train on exactly the batches of one.
+  """
   sharding = NamedSharding(mesh, P(DATA_AXIS))
+  rows = process_rows(sharding, loop.batch_size)
   source = patches.load_patch_source(loop.calib_root, loop.lr_size * scale)
+  global_shape = (loop.batch_size, loop.lr_size, loop.lr_size, 3)
   return patches.prefetch_stream(
       source, loop.seed, start, loop.batch_size, scale=scale, lr_size=loop.lr_size,
       augment=loop.augment, num_steps=num_steps, buffer=4, num_workers=loop.workers(),
-      put=lambda b: jax.device_put(b["lr"], sharding))
+      indices=rows, put=lambda b: jax.make_array_from_process_local_data(
+          sharding, b["lr"], global_shape))
