@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from twodquant_jax.eval import validation
 from twodquant_jax.paths import REPO_ROOT, shared_dir
 from twodquant_jax.ptq import names as qnames
 from twodquant_jax.io import bounds_file
@@ -90,10 +91,18 @@ def as_dict(quant) -> dict[str, np.ndarray]:
 
 
 def train(params, quant, config: ml_collections.ConfigDict, workdir, **kwargs):
-  """`loop.train` on the tiny network with the settings the pipeline would take from `config`
-  (kwargs: mesh, validate, callback, progress)."""
-  return dqc_loop.train(params, quant, run_settings.dqc_settings(config, ARCH),
-                        run_settings.loop_settings(config), workdir, **kwargs)
+  """`loop.train` on the tiny network with the settings the pipeline would take from `config`,
+  validating on config.dqc.val_root when set, as the pipeline does (kwargs: mesh, validate,
+  callback, progress)."""
+  settings = run_settings.dqc_settings(config, ARCH)
+  if config.dqc.val_root and "validate" not in kwargs:
+    images = validation.load_validation_images(config.dqc.val_root, config.scale,
+                                               int(config.dqc.val_images),
+                                               int(config.dqc.val_crop))
+    model = settings.model("quant")
+    kwargs["validate"] = lambda q: validation.validate_psnr(params, q, images, model)
+  return dqc_loop.train(params, quant, settings, run_settings.loop_settings(config), workdir,
+                        **kwargs)
 
 
 def _join(argv: list[str]) -> tuple[list[str], int]:
@@ -116,6 +125,12 @@ def main(argv: list[str]) -> None:
   if len(argv) > 5:
     config.dqc.checkpoint_every = int(argv[5])
   params, quant = tiny_setup()
+  if jax.process_count() > 1:
+    from twodquant_jax import distributed  # pylint: disable=g-import-not-at-top
+    # As the pipeline does with DOBI's bounds; and a decision taken by process 0 alone.
+    quant = distributed.from_primary(quant, "initial bounds")
+    print("agree", distributed.agree(jax.process_index() == 0), flush=True)
+
   def callback(step, scalars):
     print("step", step, "process", jax.process_index(), flush=True)
     if die and step >= die:

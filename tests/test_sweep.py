@@ -92,8 +92,8 @@ def test_sweep_of_two_tiny_cells(tmp_path, reference, benchmarks, monkeypatch, c
 
   loads = []
   real_load = pipeline.load_inputs
-  monkeypatch.setattr(pipeline, "load_inputs", lambda cfg: loads.append(cfg.scale) or
-                      real_load(cfg))
+  monkeypatch.setattr(pipeline, "load_inputs", lambda cfg, **kw: loads.append(cfg.scale) or
+                      real_load(cfg, **kw))
   caplog.set_level(logging.INFO)
   table = sweep.run(c, workdir)
   assert loads == [4]  # the checkpoint is read once for both cells of the scale

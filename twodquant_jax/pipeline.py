@@ -45,19 +45,23 @@ def default_workdir(config: ml_collections.ConfigDict) -> Path:
 @dataclasses.dataclass(frozen=True)
 class Inputs:
   """What a run reads before any work: FP params, bounds stored in the checkpoint, the
-  checkpoint's path and the benchmarks. A sweep loads them once per scale and shares them."""
+  checkpoint's path, the benchmarks and (optionally) the calibration batch. A sweep loads them
+  once per scale and shares them between the cells of that scale."""
   params: dict
   ckpt_bounds: dict
   ckpt_path: Path
   datasets: dict
+  calib_lr: np.ndarray | None = None  # None: made when needed
 
 
-def load_inputs(config: ml_collections.ConfigDict) -> Inputs:
-  """Reads the checkpoint and the benchmarks of `config` (its scale and eval.datasets)."""
+def load_inputs(config: ml_collections.ConfigDict, calibration: bool = False) -> Inputs:
+  """Reads the checkpoint and the benchmarks of `config` (its scale and eval.datasets), and
+  with `calibration` the calibration batch too (it depends on the scale, not the bits)."""
   params, ckpt_bounds, ckpt_path = load_params(config)
   datasets = {n: load_benchmark(config.data.root, n, config.scale)
               for n in dataset_names(config)}
-  return Inputs(params, ckpt_bounds, ckpt_path, datasets)
+  calib_lr = calibration_batch(config) if calibration and not config.model.bounds else None
+  return Inputs(params, ckpt_bounds, ckpt_path, datasets, calib_lr)
 
 
 def load_params(config: ml_collections.ConfigDict) -> tuple[dict, dict, Path]:
@@ -150,7 +154,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None, *,
         "bits": config.bits, "methods": {}, "environment": _environment(),
         "ratios": ratios.ratios(params, SwinIR(upscale=config.scale), config.bits),
     }
-    bounds = _initial_bounds(config, params, ckpt_bounds, results)
+    bounds = _initial_bounds(config, params, ckpt_bounds, results, inputs.calib_lr)
     for method in methods_of(config):
       t0 = time.perf_counter()
       entry = results["methods"].setdefault(method, {})
@@ -179,7 +183,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None, *,
   return results
 
 
-def _initial_bounds(config, params, ckpt_bounds, results) -> dict[str, dict]:
+def _initial_bounds(config, params, ckpt_bounds, results, calib_lr=None) -> dict[str, dict]:
   """Bounds before DQC for the methods to run: loaded from a file or the checkpoint when given,
   else MinMax / Percentile / DOBI (also DOBI for 2DQuant) from ONE capture pass of the FP model
   on the calibration batch. Records where they came from in results['methods']."""
@@ -205,7 +209,9 @@ def _initial_bounds(config, params, ckpt_bounds, results) -> dict[str, dict]:
   init = sorted(wanted - {"2dquant"})
   if not init:
     return bounds
-  calibrated = calibrate_many(params, config.scale, calibration_batch(config),
+  if calib_lr is None:
+    calib_lr = calibration_batch(config)
+  calibrated = calibrate_many(params, config.scale, calib_lr,
                               {m: (config.bits, calib_settings(config, m)) for m in init},
                               progress=_progress(config))
   for m, (quant, info) in calibrated.items():

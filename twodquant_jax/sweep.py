@@ -157,19 +157,24 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) ->
     logging.info("sweep: %d of %d cells in shard %d/%d: %s", len(mine), len(all_cells),
                  *settings.shard, ", ".join(c.name for c in mine))
     for scale, group in itertools.groupby(mine, key=lambda c: c.scale):
-      inputs = None  # the checkpoint and benchmarks of this scale, read at most once
+      todo = []
       for cell in group:
         cell_dir = workdir / cell.name
         if distributed.agree(finished(cell_dir, cell) is not None):
           logging.info("skipping %s: finished (%s)", cell.name, cell_dir / "results.json")
-          continue
-        cfg = cell_config(config, cell)
-        if inputs is None:
-          logging.info("sweep: reading the x%d checkpoint and benchmarks", scale)
-          inputs = pipeline.load_inputs(cfg)
+        else:
+          todo.append(cell)
+      if not todo:
+        continue
+      # The checkpoint, benchmarks and calibration batch of this scale: read once.
+      calib = any(c.bits is not None for c in todo)
+      logging.info("sweep: reading the x%d checkpoint, benchmarks%s", scale,
+                   " and calibration batch" if calib else "")
+      inputs = pipeline.load_inputs(cell_config(config, todo[0]), calibration=calib)
+      for cell in todo:
         logging.info("sweep: running %s (%s) in %s", cell.name, ", ".join(cell.methods),
-                     cell_dir)
-        pipeline.run(cfg, cell_dir, inputs=inputs)
+                     workdir / cell.name)
+        pipeline.run(cell_config(config, cell), workdir / cell.name, inputs=inputs)
       del inputs
   return collect(workdir, all_cells)
 
