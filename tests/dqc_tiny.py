@@ -111,7 +111,7 @@ def _join(argv: list[str]) -> tuple[list[str], int]:
   coordinator, n, pid, timeout, die = argv[2], int(argv[3]), int(argv[4]), int(argv[5]), int(argv[6])
   distributed.initialize(distributed.DistributedSettings(
       coordinator=coordinator, num_processes=n, process_id=pid, timeout_s=timeout,
-      init_timeout_s=60))
+      init_timeout_s=300))
   return [argv[0]] + argv[7:], die
 
 

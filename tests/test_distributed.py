@@ -114,12 +114,12 @@ def test_killed_peer_stops_the_survivor(tmp_path, cache):
   procs = [_start(_dist(port, pid, 5, 1 if pid == 1 else 0, tmp_path), 2, cache)
            for pid in (0, 1)]
   t0 = time.monotonic()
-  (rc1, out1, _), = _finish(procs[1:], timeout=300)
+  (rc1, out1, err1), = _finish(procs[1:], timeout=300)
   died = time.monotonic()
   (rc0, out0, err0), = _finish(procs[:1], timeout=90)
   print(f"survivor stopped {time.monotonic() - died:.1f} s after the peer died "
         f"({died - t0:.1f} s in), exit status {rc0}")
-  assert rc1 == -9 and "step 1 process 1" in out1  # it did die mid-DQC
+  assert rc1 == -9 and "step 1 process 1" in out1, err1[-3000:]  # it did die mid-DQC
   assert rc0 != 0
   assert re.search(r"another task died|tasks have crashed|stopped sending heartbeats", err0), \
       err0[-3000:]

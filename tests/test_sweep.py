@@ -17,7 +17,7 @@ from twodquant_jax import pipeline, sweep
 from twodquant_jax.paths import REPO_ROOT
 from twodquant_jax.report import table3
 
-from test_cli import _tiny_benchmark
+from test_cli import _main, _tiny_benchmark
 
 
 @pytest.fixture(autouse=True)
@@ -131,3 +131,12 @@ def test_sweep_of_two_tiny_cells(tmp_path, reference, benchmarks, monkeypatch, c
   table = sweep.run(c, workdir)
   assert table["missing"] == ["x4_w2"] and loads == [4]
   assert "Missing cells (no finished results.json): x4_w2." in (workdir / "table3.md").read_text()
+
+
+def test_main_rejects_bad_sweep_values_cleanly(tmp_path):
+  r = _main(["--config=configs/sweep.py", "--config.sweep.shard=2/2",
+             f"--workdir={tmp_path / 'w'}"], timeout=120)
+  assert r.returncode != 0
+  assert "config.sweep.shard must be 'i/n'" in r.stderr + r.stdout
+  assert "Traceback" not in r.stderr
+  assert not (tmp_path / "w").exists()
