@@ -144,7 +144,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) -> dict:
-  """Runs this shard's unfinished cells, then writes table3.json / table3.md; returns the table.
+  """Runs this shard's unfinished cells, then writes table3.json / table3.md; returns the table
+  (process 0; {} on the others).
 
   In a multi-process run every process runs the same cells (process 0 decides which are
   finished); only process 0 writes.
@@ -180,15 +181,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) ->
 
 
 def collect(workdir: Path, all_cells: list[Cell]) -> dict:
-  """Builds (process 0: writes) <workdir>/table3.json and table3.md from the finished cells."""
+  """Builds and writes <workdir>/table3.json and table3.md from the finished cells; returns the
+  table. Process 0 alone does this (the others return {}: they may not see its files yet)."""
+  if not distributed.is_primary():
+    return {}
   results: Mapping[str, dict | None] = {c.name: finished(workdir / c.name, c) for c in all_cells}
   table = table3.build([c.describe() for c in all_cells], results)
-  if distributed.is_primary():
-    workdir.mkdir(parents=True, exist_ok=True)
-    tmp = workdir / "table3.json.tmp"
-    tmp.write_text(json.dumps(table, indent=1))
-    tmp.replace(workdir / "table3.json")
-    (workdir / "table3.md").write_text(table3.markdown(table))
+  workdir.mkdir(parents=True, exist_ok=True)
+  tmp = workdir / "table3.json.tmp"
+  tmp.write_text(json.dumps(table, indent=1))
+  tmp.replace(workdir / "table3.json")
+  (workdir / "table3.md").write_text(table3.markdown(table))
   if table["missing"]:
     logging.warning("sweep: %d of %d cells not finished: %s (run their shards, then "
                     "--config.sweep.collect=True)", len(table["missing"]), len(all_cells),
