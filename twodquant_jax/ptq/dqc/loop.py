@@ -9,6 +9,7 @@ state.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from pathlib import Path
@@ -68,13 +69,13 @@ class LoopSettings:
 
 def run_identity(settings: DQCSettings, loop: LoopSettings, params: Mapping, quant0: Mapping
                  ) -> dict[str, Any]:
-  """What a checkpoint must agree on to be resumed (all but the step count and bookkeeping)."""
-  ident = {k: (list(map(list, v)) if k == "arch" else v)
-           for k, v in dataclasses.asdict(settings).items() if k != "steps"}
+  """What a checkpoint must agree on to be resumed (all but the step count and bookkeeping),
+  in its JSON form (tuples as lists), as it is stored in and read back from a checkpoint."""
+  ident = {k: v for k, v in dataclasses.asdict(settings).items() if k != "steps"}
   ident.update(seed=loop.seed, batch_size=loop.batch_size, lr_size=loop.lr_size,
                augment=loop.augment, calib_root=loop.calib_root,
                params=ckpt.fingerprint(params), initial_bounds=ckpt.fingerprint(quant0))
-  return ident
+  return json.loads(json.dumps(ident))
 
 
 class _Progress:
@@ -138,7 +139,8 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
   step_fn = jit_train_step(settings, mesh)
   put = lambda tree: jax.device_put(jax.tree_util.tree_map(jnp.asarray, tree), repl)
   params = put(params)
-  state = put(init_state(settings, quant))
+  # Steps donate the state's buffers: start from copies, so the caller's bounds stay alive.
+  state = put(jax.tree_util.tree_map(jnp.array, init_state(settings, quant)))
   identity = run_identity(settings, loop, params, state.quant)
 
   manager = ckpt.checkpoint_manager(workdir, loop.keep_checkpoints)
