@@ -1,9 +1,11 @@
 """Command line: `python main.py --config=configs/x4_w2.py [--workdir=DIR] [--config.X=Y ...]`.
 
-Thin by design: parses flags and calls `twodquant_jax.pipeline.run`. The project's own errors
-(bad settings, missing or corrupt files, a busy workdir) end in ONE line naming the file and
-what to do; `--verbosity=1` or TWODQUANT_DEBUG=1 shows the traceback (and other packages' INFO
-logs, which are otherwise hidden).
+Thin by design: parses flags, joins a multi-process run if one is configured (or detected),
+and calls `twodquant_jax.pipeline.run`, or `twodquant_jax.sweep.run` for a config with a
+`sweep` block (configs/sweep.py). The project's own errors (bad settings, missing or corrupt
+files, a busy workdir, a failed download) end in ONE line naming the file and what to do;
+`--verbosity=1` or TWODQUANT_DEBUG=1 shows the traceback (and other packages' INFO logs, which
+are otherwise hidden).
 """
 
 import logging as logging_std
@@ -13,9 +15,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from twodquant_jax import pipeline
+from twodquant_jax import distributed, pipeline, sweep
 from twodquant_jax.io.download import DownloadError
 from twodquant_jax.io.torch_pickle import CheckpointError
+from twodquant_jax.settings import distributed_settings
 from twodquant_jax.workdir import WorkdirError
 
 PACKAGE = "twodquant_jax"
@@ -87,8 +90,9 @@ def fail_line(error: BaseException) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  job = sweep if "sweep" in FLAGS.config else pipeline
   try:
-    pipeline.validate(FLAGS.config)
+    job.validate(FLAGS.config)
   except ValueError as e:  # a bad value: one line naming the field, no usage text or traceback
     if debugging():
       raise
@@ -97,7 +101,8 @@ def main(argv):
     sys.exit(1)
   setup_logging()
   try:
-    pipeline.run(FLAGS.config, FLAGS.workdir or None)
+    distributed.initialize(distributed_settings(FLAGS.config))
+    job.run(FLAGS.config, FLAGS.workdir or None)
   except (ValueError, OSError, WorkdirError, DownloadError) as e:  # the project's own errors
     if debugging():
       raise

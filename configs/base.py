@@ -109,4 +109,13 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   # the overlaps (the old way: 0.01-0.08 dB below whole images, window attention lacks context)
   c.eval.tile_blend = "center"
   c.overwrite = False  # allow a run whose config differs from the workdir's finished run
+  # Multi-process runs on jax.distributed (twodquant_jax/distributed.py). All empty: one
+  # process, unless JAX's cluster auto-detection finds a cluster (SLURM, Open MPI, TPU pod...).
+  c.distributed = ml_collections.ConfigDict()
+  c.distributed.coordinator = ""  # HOST:PORT of process 0 (every process names the same)
+  c.distributed.num_processes = 0  # with coordinator: how many processes join
+  c.distributed.process_id = -1  # with coordinator: this process's index, 0 .. num_processes-1
+  c.distributed.timeout_s = 100  # a peer silent this long (missed heartbeats) stops the others
+  c.distributed.init_timeout_s = 300  # wait this long for every process to join (and leave)
+  c.distributed.auto = True  # no coordinator: try JAX's cluster auto-detection if one is found
   return c

@@ -7,10 +7,15 @@ weights, with min/max initial bounds.
 
 Subprocess use: python tests/dqc_tiny.py WORKDIR STEPS BATCH [SLEEP_PER_STEP [CHECKPOINT_EVERY]]
 (writes WORKDIR/result.npz with the final bounds, by quantizer name).
+Multi-process: python tests/dqc_tiny.py --dist HOST:PORT NUM_PROCESSES PROCESS_ID TIMEOUT_S
+[DIE_AFTER_STEP] WORKDIR STEPS BATCH ... joins a jax.distributed run first (process 0 writes
+result.npz); with DIE_AFTER_STEP > 0 this process kills itself (SIGKILL) after that step.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -93,17 +98,43 @@ def train(params, quant, config: ml_collections.ConfigDict, workdir, **kwargs):
                         validate=validate, **kwargs)
 
 
+def _join(argv: list[str]) -> tuple[list[str], int]:
+  """Consumes the --dist arguments: joins the run; returns the rest and DIE_AFTER_STEP (0)."""
+  from twodquant_jax import distributed  # pylint: disable=g-import-not-at-top
+  coordinator, n, pid, timeout, die = argv[2], int(argv[3]), int(argv[4]), int(argv[5]), int(argv[6])
+  distributed.initialize(distributed.DistributedSettings(
+      coordinator=coordinator, num_processes=n, process_id=pid, timeout_s=timeout,
+      init_timeout_s=300))
+  return [argv[0]] + argv[7:], die
+
+
 def main(argv: list[str]) -> None:
+  die = 0
+  if len(argv) > 1 and argv[1] == "--dist":
+    argv, die = _join(argv)
   workdir, steps, batch = Path(argv[1]), int(argv[2]), int(argv[3])
   sleep = float(argv[4]) if len(argv) > 4 else 0.0
   config = tiny_config(steps, batch)
   if len(argv) > 5:
     config.dqc.checkpoint_every = int(argv[5])
   params, quant = tiny_setup()
-  callback = (lambda step, scalars: time.sleep(sleep)) if sleep else None
+  if jax.process_count() > 1:
+    from twodquant_jax import distributed  # pylint: disable=g-import-not-at-top
+    # As the pipeline does with DOBI's bounds; and a decision taken by process 0 alone.
+    quant = distributed.from_primary(quant, "initial bounds")
+    print("agree", distributed.agree(jax.process_index() == 0), flush=True)
+
+  def callback(step, scalars):
+    print("step", step, "process", jax.process_index(), flush=True)
+    if die and step >= die:
+      os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(sleep)
+
   final, info = train(params, quant, config, workdir, callback=callback)
-  np.savez(workdir / "result.npz", **as_dict(final))
-  print("devices", jax.device_count(), "resumed_from", info["resumed_from"])
+  if jax.process_index() == 0:
+    np.savez(workdir / "result.npz", **as_dict(final))
+  print("devices", jax.device_count(), "processes", jax.process_count(), "resumed_from",
+        info["resumed_from"], flush=True)
 
 
 if __name__ == "__main__":

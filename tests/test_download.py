@@ -22,7 +22,6 @@ import pytest
 from twodquant_jax import settings
 from twodquant_jax.data import sources
 from twodquant_jax.data.benchmarks import load_benchmark
-from twodquant_jax.data.images import save_png
 from twodquant_jax.io import data_cache, download
 from twodquant_jax.io.download import DownloadError
 from twodquant_jax.paths import REPO_ROOT

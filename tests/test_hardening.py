@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from twodquant_jax import pipeline, workdir as wd
-from twodquant_jax.data import benchmarks, patches
+from twodquant_jax.data import benchmarks
 from twodquant_jax.data.images import load_rgb, save_png
 from twodquant_jax.eval import predict as ev
 from twodquant_jax.io import bounds_file
@@ -197,7 +197,7 @@ def test_stale_lock_is_named_and_replaced(tmp_path, caplog):
   _lock(tmp_path, int(dead))
   with caplog.at_level("WARNING"):
     path = wd.acquire(tmp_path)
-  assert f"stale lock" in caplog.text and dead in caplog.text
+  assert "stale lock" in caplog.text and dead in caplog.text
   assert json.loads(path.read_text())["pid"] == os.getpid()
   with pytest.raises(wd.WorkdirError, match="in use by PID"):  # held now: a second run waits
     wd.acquire(tmp_path)

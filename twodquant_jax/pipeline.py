@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from twodquant_jax import figure_inputs
+from twodquant_jax import distributed, figure_inputs
 from twodquant_jax import settings as run_settings
 from twodquant_jax import workdir as workdir_guard
 from twodquant_jax.data import patches
@@ -44,6 +44,29 @@ from twodquant_jax.settings import calib_settings, dataset_names, methods_of, va
 def default_workdir(config: ml_collections.ConfigDict) -> Path:
   bits = "" if config.method in ("fp", "bicubic") else f"_w{config.bits}"
   return Path("runs") / f"x{config.scale}{bits}_{config.method}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+  """What a run reads before any work: FP params, bounds stored in the checkpoint, the
+  checkpoint's path, the benchmarks and (optionally) the calibration batch. A sweep loads them
+  once per scale and shares them between the cells of that scale."""
+  params: dict
+  ckpt_bounds: dict
+  ckpt_path: Path
+  datasets: dict
+  calib_lr: np.ndarray | None = None  # None: made when needed
+
+
+def load_inputs(config: ml_collections.ConfigDict, calibration: bool = False) -> Inputs:
+  """Reads the checkpoint and the benchmarks of `config` (its scale and eval.datasets), and
+  with `calibration` the calibration batch too (it depends on the scale, not the bits)."""
+  params, ckpt_bounds, ckpt_path = load_params(config)
+  config = run_settings.with_local_data(config, has_bounds=bool(ckpt_bounds))  # downloads
+  datasets = {n: load_benchmark(config.data.root, n, config.scale)  # bad images fail first
+              for n in dataset_names(config)}
+  calib_lr = calibration_batch(config) if calibration and not config.model.bounds else None
+  return Inputs(params, ckpt_bounds, ckpt_path, datasets, calib_lr)
 
 
 def load_params(config: ml_collections.ConfigDict) -> tuple[dict, dict, Path]:
@@ -91,7 +114,7 @@ def evaluate_method(config, method: str, predict, datasets: dict, workdir: Path,
     folder = workdir / "sr" / method / name
 
     def on_image(img, sr, folder=folder, name=name):
-      if config.eval.save_sr:
+      if config.eval.save_sr and distributed.is_primary():
         save_png(folder / f"{img.name}.png", sr)
       if (name, img.name) in keep:
         kept.setdefault((name, img.name), {})[method] = sr
@@ -128,6 +151,9 @@ def _environment() -> dict[str, Any]:
 
 
 def write_results(workdir: Path, results: dict) -> None:
+  """results.json (atomically) and results.md; only process 0 writes in a multi-process run."""
+  if not distributed.is_primary():
+    return
   workdir.mkdir(parents=True, exist_ok=True)
   tmp = workdir / "results.json.tmp"
   tmp.write_text(json.dumps(results, indent=1, default=float))
@@ -135,32 +161,40 @@ def write_results(workdir: Path, results: dict) -> None:
   (workdir / "results.md").write_text(report.results_markdown(results))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None, *,
+        inputs: Inputs | None = None) -> dict:
   """Runs the configured method(s) end to end and writes the workdir; returns the results.
 
   Every setting and input path is checked first; the workdir is locked for the run and a
   different run's results are not replaced unless config.overwrite (twodquant_jax/workdir.py).
+  `inputs`: the checkpoint and benchmarks already loaded for this config (a sweep's cells
+  share them); None reads them. results.json says "complete": true only once all is done.
   """
   validate(config)
   run_settings.check_paths(config)
   workdir = Path(workdir) if workdir else default_workdir(config)
+  if not distributed.is_primary():  # process 0 holds the lock and writes; the others compute
+    return _run(config, workdir, inputs)
   with workdir_guard.claim(workdir, config.to_dict(), overwrite=bool(config.overwrite)):
-    return _run(config, workdir)
+    return _run(config, workdir, inputs)
 
 
-def _run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
+def _run(config: ml_collections.ConfigDict, workdir: Path, inputs: Inputs | None) -> dict:
   t_start = time.perf_counter()
   with jax.default_matmul_precision(config.matmul_precision):
-    params, ckpt_bounds, ckpt_path = load_params(config)
-    config = run_settings.with_local_data(config, has_bounds=bool(ckpt_bounds))  # downloads
-    datasets = {n: load_benchmark(config.data.root, n, config.scale)  # bad images fail first
-                for n in dataset_names(config)}
+    inputs = inputs or load_inputs(config)
+    # The local data folders (a cache check; downloads only what a shared `inputs` lacked).
+    config = run_settings.with_local_data(config, has_bounds=bool(inputs.ckpt_bounds))
+    params, ckpt_bounds, ckpt_path = inputs.params, inputs.ckpt_bounds, inputs.ckpt_path
+    datasets = inputs.datasets
     results: dict[str, Any] = {
-        "config": config.to_dict(), "checkpoint": str(ckpt_path), "scale": config.scale,
+        "complete": False, "config": config.to_dict(), "checkpoint": str(ckpt_path),
+        "scale": config.scale,
         "bits": config.bits, "methods": {}, "environment": _environment(),
         "ratios": ratios.ratios(params, SwinIR(upscale=config.scale), config.bits),
     }
-    calib_lr = functools.cache(lambda: calibration_batch(config))
+    calib_lr = functools.cache(
+        lambda: inputs.calib_lr if inputs.calib_lr is not None else calibration_batch(config))
     bounds = _initial_bounds(config, params, ckpt_bounds, results, calib_lr, workdir)
     kept: dict = {} if config.report.figures else None
     for method in methods_of(config):
@@ -171,7 +205,7 @@ def _run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
         predict = evaluate.bicubic_predict(config.scale)
       else:
         if method == "2dquant" and "2dquant" not in bounds:
-          if "dobi" not in methods_of(config):  # keep the starting point (figures, reruns)
+          if "dobi" not in methods_of(config) and distributed.is_primary():  # keep the start
             bounds_file.save_bounds(workdir / "bounds_dobi.json", bounds["dobi"],
                                 {"method": "dobi", "bits": config.bits, "scale": config.scale,
                                  "identity": entry.get("dobi_identity")})
@@ -184,9 +218,10 @@ def _run(config: ml_collections.ConfigDict, workdir: Path) -> dict:
       entry["seconds"] = time.perf_counter() - t0
       results["seconds_total"] = time.perf_counter() - t_start
       write_results(workdir, results)
-    if config.report.figures:
+    if config.report.figures and distributed.is_primary():
       make_figures(config, workdir, results, params, datasets, calib_lr, kept)
   results["seconds_total"] = time.perf_counter() - t_start
+  results["complete"] = True
   write_results(workdir, results)
   return results
 
@@ -242,7 +277,7 @@ def _initial_bounds(config, params, ckpt_bounds, results, calib_lr, workdir: Pat
                               {m: (config.bits, calib_settings(config, m)) for m in init},
                               progress=_progress(config))
   for m, (quant, info) in calibrated.items():
-    bounds[m] = quant
+    bounds[m] = distributed.from_primary(quant, f"{m} bounds")  # identical on every process
     if m in methods:
       results["methods"].setdefault(m, {})["calibration"] = info
     else:  # DOBI only as the start of 2DQuant
@@ -290,6 +325,7 @@ def _save_bounds(config, workdir: Path, method: str, quant: dict) -> str:
   """bounds.json for a single-method run (dobi or 2dquant), else bounds_<method>.json."""
   single = len(methods_of(config)) == 1 and method in ("dobi", "2dquant")
   fname = "bounds.json" if single else f"bounds_{method}.json"
-  bounds_file.save_bounds(workdir / fname, quant, {"method": method, "bits": config.bits,
-                                               "scale": config.scale})
+  if distributed.is_primary():
+    bounds_file.save_bounds(workdir / fname, quant, {"method": method, "bits": config.bits,
+                                                     "scale": config.scale})
   return fname

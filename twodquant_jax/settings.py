@@ -18,6 +18,7 @@ from twodquant_jax.figure_inputs import FigureSettings
 from twodquant_jax.io import data_cache
 from twodquant_jax.io.download import mirror_url
 from twodquant_jax.data import patches
+from twodquant_jax.distributed import DistributedSettings
 from twodquant_jax.ptq import methods as method_registry
 from twodquant_jax.ptq.dobi import CalibSettings
 from twodquant_jax.ptq.dqc.loop import LoopSettings
@@ -144,12 +145,22 @@ def with_local_data(config: ml_collections.ConfigDict, has_bounds: bool = False
   out.calib.root = str(got.calib_root)
   out.eval.datasets = ",".join(got.datasets)
   return out
+def distributed_settings(config: ml_collections.ConfigDict) -> DistributedSettings:
+  """config.distributed (absent in an old config: one process, auto-detection only)."""
+  d = config.get("distributed")
+  if d is None:
+    return DistributedSettings()
+  return DistributedSettings(coordinator=str(d.coordinator).strip(),
+                             num_processes=int(d.num_processes), process_id=int(d.process_id),
+                             timeout_s=int(d.timeout_s), init_timeout_s=int(d.init_timeout_s),
+                             auto=bool(d.auto))
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError (one line, naming the field) for any bad setting, before any work."""
   if config.scale not in (2, 3, 4):
     raise ValueError(f"config.scale must be 2, 3 or 4, got {config.scale}")
+  distributed_settings(config)
   methods = methods_of(config)
   dataset_names(config)
   quantized = [m for m in methods if method_registry.REGISTRY[m].quantized]

@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 import queue
 import threading
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 from absl import logging
 import numpy as np
@@ -154,7 +154,8 @@ def _check_sizes(scale: int, lr_size: int, batch_size: int) -> int:
 
 
 def sample_batch(source: PatchSource, seed: int, step: int, batch_size: int, *, scale: int,
-                 lr_size: int = 64, augment: bool = True) -> Batch:
+                 lr_size: int = 64, augment: bool = True,
+                 indices: Optional[Sequence[int]] = None) -> Batch:
   """The batch of training step ``step``: a pure function of (source, seed, step, sizes).
 
   Each patch draws, from ``np.random.default_rng([seed, step])`` in order: an image index, the
@@ -162,8 +163,13 @@ def sample_batch(source: PatchSource, seed: int, step: int, batch_size: int, *, 
   rotation are drawn even when ``augment`` is False so turning augmentation off keeps the same
   crops. The same flip/rotation is applied to the LR and HR patch.
 
+  ``indices`` (rows of the batch, each in [0, batch_size)) makes only those samples, equal to
+  the same rows of the whole batch: every draw is made, but only these patches are cut. A
+  process of a multi-process run uses it to make just its share of the global batch.
+
   Returns:
-    dict(lr=uint8 (B, lr_size, lr_size, 3), hr=uint8 (B, lr_size*s, lr_size*s, 3)).
+    dict(lr=uint8 (N, lr_size, lr_size, 3), hr=uint8 (N, lr_size*s, lr_size*s, 3)), N =
+    batch_size or len(indices).
   """
   hr_size = _check_sizes(scale, lr_size, batch_size)
   if int(seed) < 0 or int(step) < 0:
@@ -172,15 +178,22 @@ def sample_batch(source: PatchSource, seed: int, step: int, batch_size: int, *, 
     raise ValueError(
         f"The patch source has images smaller than the {hr_size}x{hr_size} HR patch (smallest "
         f"side {source.min_hw}); build it with load_patch_source(folder, min_size={hr_size}).")
+  rows = range(batch_size) if indices is None else [int(i) for i in indices]
+  bad = [i for i in rows if not 0 <= i < batch_size]
+  if bad or not rows:
+    raise ValueError(f"indices must be a non-empty list of rows in [0, {batch_size}), got "
+                     f"{list(rows)}.")
   rng = np.random.default_rng([int(seed), int(step)])
-  lrs, hrs = [], []
-  for _ in range(batch_size):
+  draws = []
+  for _ in range(batch_size):  # all draws, in order, so any row is the same in any subset
     index = int(rng.integers(len(source)))
     h, w = source.shapes[index]
     y = int(rng.integers(h - hr_size + 1))
     x = int(rng.integers(w - hr_size + 1))
-    hflip = bool(rng.integers(2))
-    rot = int(rng.integers(4))
+    draws.append((index, y, x, bool(rng.integers(2)), int(rng.integers(4))))
+  lrs, hrs = [], []
+  for row in rows:
+    index, y, x, hflip, rot = draws[row]
     lr, hr = make_patch_pair(source.image(index), y, x, hr_size, scale)
     if augment:
       lr, hr = _augment(lr, hflip, rot), _augment(hr, hflip, rot)
@@ -366,7 +379,8 @@ class PrefetchStream:
 def prefetch_stream(source: PatchSource, seed: int, start_step: int, batch_size: int, *,
                     scale: int, lr_size: int = 64, augment: bool = True,
                     num_steps: Optional[int] = None, buffer: int = 2, num_workers: int = 1,
-                    put: Optional[Callable[[Batch], Any]] = None) -> PrefetchStream:
+                    put: Optional[Callable[[Batch], Any]] = None,
+                    indices: Optional[Sequence[int]] = None) -> PrefetchStream:
   """Batches ``sample_batch(source, seed, step, ...)`` for step = start_step, start_step+1, ...
 
   Args:
@@ -380,6 +394,7 @@ def prefetch_stream(source: PatchSource, seed: int, start_step: int, batch_size:
       GIL); order is always step order.
     put: optional function applied to each batch in the background thread, e.g.
       ``lambda b: jax.device_put(b, sharding)`` so host-to-device copies overlap compute too.
+    indices: make only these rows of every batch (as in ``sample_batch``).
 
   Returns:
     An iterator (use it in a ``with`` block or call ``close()`` to stop the thread early).
@@ -388,7 +403,7 @@ def prefetch_stream(source: PatchSource, seed: int, start_step: int, batch_size:
 
   def make(step: int) -> Any:
     batch = sample_batch(source, seed, step, batch_size, scale=scale, lr_size=lr_size,
-                         augment=augment)
+                         augment=augment, indices=indices)
     return put(batch) if put is not None else batch
 
   return PrefetchStream(make, int(start_step), num_steps, buffer, num_workers)

@@ -34,13 +34,19 @@ def checkpoint_manager(workdir: str | Path, keep: int = 2, read_only: bool = Fal
                        ) -> ocp.CheckpointManager:
   """The orbax manager of <workdir>/dqc_ckpt (items 'state' = DQCState, 'meta' = JSON).
 
-  A writing manager also removes the temporary folders of saves cut short by a kill.
+  A writing manager also removes the temporary folders of saves cut short by a kill. In a
+  multi-process run every process calls it (and save/restore) with the same folder, which must
+  be on storage all processes see; orbax's multi-process mode makes process 0 the primary host
+  that writes the metadata and synchronises the others with barriers.
   """
+  multiprocess = ocp.options.MultiprocessingOptions(primary_host=0)
   if read_only:
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0,
+                                           multiprocessing_options=multiprocess)
   else:
     options = ocp.CheckpointManagerOptions(max_to_keep=max(int(keep), 1), create=True,
-                                           cleanup_tmp_directories=True)
+                                           cleanup_tmp_directories=True,
+                                           multiprocessing_options=multiprocess)
   return ocp.CheckpointManager(Path(workdir).resolve() / CKPT_DIR, options=options,
                                item_names=("state", "meta"))
 

@@ -17,7 +17,6 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from tqdm import tqdm
@@ -70,14 +69,13 @@ class LoopSettings:
 
 def run_identity(settings: DQCSettings, loop: LoopSettings, params: Mapping, quant0: Mapping
                  ) -> dict[str, Any]:
-  """What a checkpoint must agree on to be resumed (all but the step count and bookkeeping)."""
-  # As JSON stores it (tuples -> lists), so a restored identity compares equal.
-  ident = json.loads(json.dumps({k: v for k, v in dataclasses.asdict(settings).items()
-                                 if k != "steps"}))
+  """What a checkpoint must agree on to be resumed (all but the step count and bookkeeping),
+  in its JSON form (tuples as lists), as it is stored in and read back from a checkpoint."""
+  ident = {k: v for k, v in dataclasses.asdict(settings).items() if k != "steps"}
   ident.update(seed=loop.seed, batch_size=loop.batch_size, lr_size=loop.lr_size,
                augment=loop.augment, calib_root=loop.calib_root,
                params=ckpt.fingerprint(params), initial_bounds=ckpt.fingerprint(quant0))
-  return ident
+  return json.loads(json.dumps(ident))
 
 
 class _Progress:
@@ -141,8 +139,8 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
   step_fn = jit_train_step(settings, mesh)
   put = lambda tree: jax.device_put(jax.tree_util.tree_map(jnp.asarray, tree), repl)
   params = put(params)
-  # A fresh copy: the step donates the state's buffers, never the caller's bounds.
-  state = put(init_state(settings, jax.tree_util.tree_map(np.array, quant)))
+  # Steps donate the state's buffers: start from copies, so the caller's bounds stay alive.
+  state = put(jax.tree_util.tree_map(jnp.array, init_state(settings, quant)))
   identity = run_identity(settings, loop, params, state.quant)
 
   manager = ckpt.checkpoint_manager(workdir, loop.keep_checkpoints)
@@ -151,16 +149,21 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
   resumed_from = start if meta else None
   seconds_before = float(meta.get("seconds", 0.0))
   final_loss = float(meta.get("loss", float("nan")))
-  ckpt.truncate_log(log_path, start)
+  writer = jax.process_index() == 0  # one log for a multi-process run
+  if writer:
+    ckpt.truncate_log(log_path, start)
   validation: list[dict[str, float]] = []
   last_saved = resumed_from
   bar = _Progress(settings.steps, start, progress, loop.progress_every_s)
   t0 = time.perf_counter()
   first_step_seconds = t_after_first = None
 
-  def finish(step: int, metrics: Mapping, state: DQCState | None) -> None:
-    """Host side of completed step `step`: finiteness, log, progress, and (with its `state`,
-    which is only live until the next step consumes it) validation and checkpoint."""
+  def finish(step: int, state: DQCState, metrics: Mapping) -> None:
+    """Host side of completed step `step`: finiteness, log, progress, validation, checkpoint.
+
+    `state` is read only at validation / checkpoint steps, which are finished before the next
+    step is dispatched (a deferred step's state has been donated to the next step by then).
+    """
     nonlocal final_loss, last_saved
     m = jax.device_get(metrics)
     if not bool(m["finite"]):
@@ -175,13 +178,12 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
       record = {"step": step, "loss": final_loss, "l_pix": float(m["l_pix"]),
                 "l_feature": float(m["l_feature"]), "lr": float(schedule(step - 1)),
                 "seconds": round(seconds, 3)}
-    if state is not None and validate is not None and (
-        step % loop.val_every == 0 or step == settings.steps):
-      psnr = validate(state.quant)
+    if validate is not None and (step % loop.val_every == 0 or step == settings.steps):
+      psnr = validate(jax.device_get(state.quant))  # host copy: a local computation everywhere
       validation.append({"step": step, "psnr": psnr})
       record = {**(record or {"step": step}), "val_psnr": psnr}
       logging.info("DQC step %d: held-out PSNR(Y) %.3f dB", step, psnr)
-    if record is not None:
+    if record is not None and writer:
       ckpt.append_log(log_path, record)
     if callback is not None:
       callback(step, {k: v.item() for k, v in m.items()})
@@ -195,12 +197,13 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
   try:
     if start < settings.steps:
       stream = _batches(loop, settings.scale, start, settings.steps - start, mesh)
-    pending = None  # (step, metrics) of the last dispatched step, checked one step later
+    pending = None  # (step, state, metrics) of the last dispatched step, checked one step later
     for k in range(start, settings.steps):
-      state, metrics = step_fn(state, next(stream), params)  # the old state is donated
+      new_state, metrics = step_fn(state, next(stream), params)
       if pending is not None:
-        finish(*pending, None)  # overlaps with step k running on the device
-      pending = (k + 1, metrics)
+        finish(*pending)  # overlaps with step k running on the device
+      # A non-finite step returns its input state, which was donated: keep the returned one.
+      state, pending = new_state, (k + 1, new_state, metrics)
       if first_step_seconds is None:
         jax.block_until_ready(metrics)
         first_step_seconds = time.perf_counter() - t0
@@ -208,7 +211,7 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
       periodic = (k + 1) % loop.checkpoint_every == 0 or (
           validate is not None and (k + 1) % loop.val_every == 0)
       if periodic or k + 1 == settings.steps:
-        finish(*pending, state)  # needs the state of step k + 1 itself
+        finish(*pending)  # needs the state of step k + 1 itself
         pending = None
     manager.wait_until_finished()
   finally:
@@ -249,11 +252,28 @@ def _resume(manager, state: DQCState, identity: Mapping, steps: int, sharding
   return restored, meta
 
 
+def process_rows(sharding: NamedSharding, batch_size: int) -> list[int]:
+  """The rows of a global batch that live on this process's devices, in global order (all rows
+  in a single-process run)."""
+  shape = (batch_size, 1)
+  rows: set[int] = set()
+  for index in sharding.addressable_devices_indices_map(shape).values():
+    rows.update(range(batch_size)[index[0]])
+  return sorted(rows)
+
+
 def _batches(loop: LoopSettings, scale: int, start: int, num_steps: int, mesh: Mesh):
-  """The prefetched, step-indexed stream of uint8 LR batches, sharded along 'data'."""
+  """The prefetched, step-indexed stream of uint8 LR batches, sharded along 'data'.
+
+  Each process cuts only its own rows of every (seed, step) batch and the global array is
+  assembled from the processes' parts, so N processes train on exactly the batches of one.
+  """
   sharding = NamedSharding(mesh, P(DATA_AXIS))
+  rows = process_rows(sharding, loop.batch_size)
   source = patches.load_patch_source(loop.calib_root, loop.lr_size * scale)
+  global_shape = (loop.batch_size, loop.lr_size, loop.lr_size, 3)
   return patches.prefetch_stream(
       source, loop.seed, start, loop.batch_size, scale=scale, lr_size=loop.lr_size,
       augment=loop.augment, num_steps=num_steps, buffer=4, num_workers=loop.workers(),
-      put=lambda b: jax.device_put(b["lr"], sharding))
+      indices=rows, put=lambda b: jax.make_array_from_process_local_data(
+          sharding, b["lr"], global_shape))
