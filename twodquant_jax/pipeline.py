@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from twodquant_jax import compile_cache
 from twodquant_jax import settings as run_settings
 from twodquant_jax.data import patches
 from twodquant_jax.data.benchmarks import load_benchmark
@@ -109,6 +110,7 @@ def write_results(workdir: Path, results: dict) -> None:
 def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) -> dict:
   """Runs the configured method(s) end to end and writes the workdir; returns the results."""
   validate(config)
+  compile_cache.enable(config.get("compile_cache", ""))
   workdir = Path(workdir) if workdir else default_workdir(config)
   workdir.mkdir(parents=True, exist_ok=True)
   t_start = time.perf_counter()

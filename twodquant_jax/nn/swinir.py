@@ -255,10 +255,11 @@ class SwinIR(nn.Module):
     """Runs RSTB i: returns (tokens, block-stack feature)."""
     return self.layers[i](tokens, hw)
 
+  @nn.nowrap
   def stage(self, i: int, mode: str | None = None) -> "RSTB":
     """A standalone (unbound) RSTB i, to run one stage at a time with `params[stage_name(i)]`."""
     return RSTB(self.embed_dim, self.depths[i], self.num_heads[i], self.window_size,
-                self.mlp_ratio, mode or self.mode, self.bits)
+                self.mlp_ratio, mode or self.mode, self.bits, parent=None)
 
   @staticmethod
   def stage_name(i: int) -> str:

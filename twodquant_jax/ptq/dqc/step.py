@@ -23,6 +23,7 @@ from twodquant_jax.nn.swinir import SwinIR
 from twodquant_jax.ptq.dqc.loss import LOSS_FUNCTIONS, LOSSES, Aux, paper_loss, per_sample_norm
 
 SCHEDULES = ("cosine", "constant")
+AUTO_MICROBATCH = -1  # DQCSettings.microbatch: resolved by memory.train_step_fn before jitting
 DATA_AXIS = "data"
 
 Array = jnp.ndarray
@@ -42,7 +43,8 @@ class DQCSettings:
   loss: str = "reference"
   feature_weight: float = 5.0
   remat: bool = False
-  microbatch: int = 0  # >0: gradients accumulated over microbatches of at most this size
+  microbatch: int = 0  # >0: gradients accumulated over microbatches of at most this size;
+  # AUTO_MICROBATCH: the largest that fits the device (ptq/dqc/memory.py resolves it)
   arch: tuple[tuple[str, Any], ...] = ()  # SwinIR keyword overrides (tests: a tiny network)
 
   def __post_init__(self):
@@ -52,8 +54,8 @@ class DQCSettings:
       raise ValueError(f"config.dqc.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
     if self.steps < 1:
       raise ValueError(f"config.dqc.steps must be >= 1, got {self.steps}")
-    if self.microbatch < 0:
-      raise ValueError(f"config.dqc.microbatch must be >= 0, got {self.microbatch}")
+    if self.microbatch < 0 and self.microbatch != AUTO_MICROBATCH:
+      raise ValueError(f"config.dqc.microbatch must be 'auto' or >= 0, got {self.microbatch}")
 
   def model(self, mode: str = "fp") -> SwinIR:
     """The teacher ('fp') or the student ('quant', rematerialised blocks if `remat`)."""
@@ -214,6 +216,9 @@ def train_step(state: DQCState, lr_u8: Array, params: Mapping, settings: DQCSett
   If the loss or a new bound is non-finite, the returned state is the input state (so it can
   never be saved) and metrics['finite'] is False.
   """
+  if settings.microbatch == AUTO_MICROBATCH:
+    raise ValueError("microbatch 'auto' must be resolved before the step is built "
+                     "(ptq.dqc.memory.train_step_fn)")
   x = lr_u8.astype(jnp.float32) / 255.0
   if settings.microbatch and settings.microbatch < x.shape[0]:
     (loss, aux), grads = microbatched_value_and_grad(params, state.quant, x, settings)
