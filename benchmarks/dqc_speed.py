@@ -97,7 +97,8 @@ def main() -> None:
     mod.check_batch_size(args.batch, mesh)
     repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(mod.DATA_AXIS))
     dparams = jax.device_put(params, repl)
-    state = jax.device_put(mod.init_state(s_, quant), repl)
+    own = jax.tree_util.tree_map(np.array, quant)  # private copies: the step donates its state
+    state = jax.device_put(mod.init_state(s_, own), repl)
     batch = jax.device_put(lr, data)
     t0 = time.perf_counter()
     compiled = mod.jit_train_step(s_, mesh).lower(state, batch, dparams).compile()
