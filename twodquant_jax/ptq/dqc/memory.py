@@ -5,10 +5,11 @@ first); XLA's `memory_analysis()` of each (temp + arguments + outputs) is compar
 device offers: `memory_stats()['bytes_limit']` on an accelerator, the available RAM
 (/proc/meminfo MemAvailable) on CPU, both with headroom. After a candidate that does not fit,
 the next one tried is the largest whose size, extrapolated from the measured bytes per sample,
-fits (then verified by its own compile), so usually one or two compiles decide. The compiled
-executable of the chosen candidate is returned and used as is (no second compile), and the
-decision is cached in-process and, when the persistent compilation cache is on, in
-`<cache>/../microbatch.json` (reused while its measured size still fits).
+fits (then verified by its own compile), so usually one or two compiles decide. The step the
+loop runs is the ordinary jitted one for the chosen microbatch (with the persistent compilation
+cache on, as in the pipeline, its compile is a cache hit). The decision is cached in-process and,
+when the persistent compilation cache is on, in `<cache>/../microbatch.json` (reused while its
+measured size still fits).
 """
 
 from __future__ import annotations
@@ -175,4 +176,7 @@ def train_step_fn(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh, p
   _save_decision(key, decision)
   info = dict(decision, limit_bytes=limit, compiles=len(tried), cached=False,
               tried={str(k): v for k, v in tried.items()})
-  return compiled, resolved, info
+  # The loop calls the ordinary jitted step (whose dispatch handles the donated state as the
+  # loop expects); with the persistent compilation cache on, its compile is a cache hit.
+  del compiled
+  return jit_train_step(resolved, mesh), resolved, info
