@@ -76,7 +76,8 @@ def fp_parity(shared: Path, smoke: bool) -> dict:
 
 def dobi(shared: Path, smoke: bool) -> dict:
   from twodquant_jax.ptq import names as qnames
-  from twodquant_jax.ptq.dobi import CalibSettings, calibrate
+  from twodquant_jax.ptq.dobi import CalibSettings, calibrate_many
+  calibrate = lambda p, scale, bits, lr, cfg: calibrate_many(p, scale, lr, {"_": (bits, cfg)})["_"]
   lr = np.load(shared / "reference" / "calib_x4.npz")["lr"][:4]
   if smoke:
     lr = lr[:1, :16, :16]
@@ -104,9 +105,12 @@ def dqc_speed(shared: Path, smoke: bool) -> dict:
   from twodquant_jax.ptq.dqc import memory as dqc_memory
   from twodquant_jax.ptq.dqc import step as dqc_step
   batch, lr_size, steps = (4, 16, 2) if smoke else (32, 64, 20)
-  arch = tuple(sorted(TINY_ARCH.items())) if smoke else ()
-  settings = dqc_step.DQCSettings(scale=4, bits=2, steps=1000, arch=arch,
-                                  microbatch=dqc_step.AUTO_MICROBATCH)
+  from configs.base import get_config
+  from twodquant_jax import settings as run_settings
+  # The pipeline's own DQC settings (steps 3000 etc.), so its compile is a persistent-cache hit.
+  settings = run_settings.dqc_settings(get_config(scale=4, bits=2), dict(TINY_ARCH) if smoke
+                                       else None)
+  assert settings.microbatch == dqc_step.AUTO_MICROBATCH
   if smoke:
     params = jax.jit(settings.model("fp").init)(jax.random.key(0),
                                                 jnp.zeros((1, 8, 8, 3)))["params"]
@@ -127,7 +131,7 @@ def dqc_speed(shared: Path, smoke: bool) -> dict:
   x = jax.device_put(lr, data)
   with jax.default_matmul_precision("highest"):
     t0 = time.perf_counter()
-    fn, resolved, info = dqc_memory.train_step_fn(settings, batch, lr_size, mesh, params, state)
+    fn, resolved, info = dqc_memory.train_step_fn(settings, batch, lr_size, mesh, params, quant)
     state, m = fn(state, x, params)
     jax.block_until_ready(m)
     first_s = time.perf_counter() - t0
@@ -165,6 +169,7 @@ def pipeline(shared: Path, smoke: bool, workdir: Path) -> dict:
   c.data.root = str(shared / "data" / "benchmarks")
   c.eval.datasets = "Set5,Set14,B100"
   c.progress = False
+  c.compile_cache = jax.config.jax_compilation_cache_dir or ""  # the one this script set
   c.dqc.steps, c.dqc.batch_size, c.calib.num_patches = 3000, 32, 32
   if smoke:
     c.calib.num_patches, c.calib.lr_size = 1, 16
@@ -193,6 +198,8 @@ def main(argv=None) -> int:
   ap.add_argument("--shared", default="", help="the shared data folder (see module doc)")
   ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections to run")
   ap.add_argument("--workdir", default="", help="pipeline workdir (default: a temp folder)")
+  ap.add_argument("--compile_cache", default="~/.cache/twodquant_jax/xla",
+                  help="persistent compilation cache shared by the sections ('' = off)")
   args = ap.parse_args(argv)
   wanted = [s for s in args.only.split(",") if s]
   bad = [s for s in wanted if s not in SECTIONS]
@@ -203,6 +210,8 @@ def main(argv=None) -> int:
          "device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
          "jax": jax.__version__}
   shared = find_shared(args.shared)
+  from twodquant_jax import compile_cache
+  compile_cache.enable(args.compile_cache)
   work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="gpu_check_"))
   for name in wanted:
     t0 = time.perf_counter()

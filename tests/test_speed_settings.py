@@ -25,35 +25,37 @@ def _tiny(batch: int):
   arch = tuple(sorted(dqc_tiny.ARCH.items()))
   settings = dqc_step.DQCSettings(scale=dqc_tiny.SCALE, bits=dqc_tiny.BITS, arch=arch,
                                   microbatch=dqc_step.AUTO_MICROBATCH)
-  mesh = dqc_step.data_mesh()
-  state = dqc_step.init_state(settings, quant)
   lr = np.random.default_rng(0).integers(0, 256, (batch, dqc_tiny.LR_SIZE, dqc_tiny.LR_SIZE, 3),
                                          dtype=np.uint8)
-  return params, settings, mesh, state, lr
+  return params, quant, settings, dqc_step.data_mesh(), lr
+
+
+def _state(settings, quant):
+  """A fresh state on private copies of the bounds (the step donates its state)."""
+  return dqc_step.init_state(settings, jax.tree_util.tree_map(np.array, quant))
 
 
 def test_auto_microbatch_fits_the_memory_limit():
   batch = 6
-  params, settings, mesh, state, lr = _tiny(batch)
+  params, quant, settings, mesh, lr = _tiny(batch)
   # Plenty of memory: the whole batch in one piece, from one compile.
   fn, resolved, info = dqc_memory.train_step_fn(settings, batch, dqc_tiny.LR_SIZE, mesh, params,
-                                                state, limit_bytes=1 << 40)
+                                                quant, limit_bytes=1 << 40)
   assert resolved.microbatch == 0 and info["microbatch"] == batch and info["compiles"] == 1
   whole_bytes = info["bytes"]
   # Just too little for the whole batch: a smaller divisor that fits, found by compiling.
-  params2, settings2, mesh2, state2, _ = _tiny(batch)
-  settings2 = dataclasses.replace(settings2, lr=2e-2)  # a distinct decision key (no memo hit)
-  fn2, resolved2, info2 = dqc_memory.train_step_fn(settings2, batch, dqc_tiny.LR_SIZE, mesh2,
-                                                   params2, state2, limit_bytes=whole_bytes - 1)
+  settings2 = dataclasses.replace(settings, lr=2e-2)  # a distinct decision key (no memo hit)
+  fn2, resolved2, info2 = dqc_memory.train_step_fn(settings2, batch, dqc_tiny.LR_SIZE, mesh,
+                                                   params, quant, limit_bytes=whole_bytes - 1)
   assert resolved2.microbatch in (1, 2, 3) and info2["bytes"] < whole_bytes
   assert info2["bytes"] <= whole_bytes - 1 or resolved2.microbatch == 1
   # The memo returns the decision without compiling again.
-  _, resolved3, info3 = dqc_memory.train_step_fn(settings2, batch, dqc_tiny.LR_SIZE, mesh2,
-                                                 params2, state2, limit_bytes=whole_bytes - 1)
-  assert info3["cached"] and resolved3 == resolved2
-  # The returned compiled steps run (their input state is donated) and give the same loss.
-  _, m = fn2(state2, lr, params2)
-  _, m_whole = fn(state, lr, params)
+  _, resolved3, info3 = dqc_memory.train_step_fn(settings2, batch, dqc_tiny.LR_SIZE, mesh,
+                                                 params, quant, limit_bytes=whole_bytes - 1)
+  assert info3["cached"] and info3["compiles"] == 0 and resolved3 == resolved2
+  # The returned steps run and give the same loss (microbatches are exact up to float order).
+  _, m = fn2(_state(resolved2, quant), lr, params)
+  _, m_whole = fn(_state(resolved, quant), lr, params)
   np.testing.assert_allclose(float(m["loss"]), float(m_whole["loss"]), rtol=1e-5)
 
 

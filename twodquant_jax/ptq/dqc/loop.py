@@ -136,12 +136,12 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
   workdir.mkdir(parents=True, exist_ok=True)
   log_path = workdir / ckpt.LOG_FILE
   schedule = make_schedule(settings)
+  step_fn, _, memory_info = dqc_memory.train_step_fn(settings, loop.batch_size, loop.lr_size,
+                                                     mesh, params, quant)
   put = lambda tree: jax.device_put(jax.tree_util.tree_map(jnp.asarray, tree), repl)
   params = put(params)
   state = put(init_state(settings, quant))
   identity = run_identity(settings, loop, params, state.quant)
-  step_fn, _, memory_info = dqc_memory.train_step_fn(settings, loop.batch_size, loop.lr_size,
-                                                     mesh, params, state)
 
   manager = ckpt.checkpoint_manager(workdir, loop.keep_checkpoints)
   state, meta = _resume(manager, state, identity, settings.steps, repl)

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from twodquant_jax.ptq.dqc.step import (AUTO_MICROBATCH, DATA_AXIS, DQCSettings,
+from twodquant_jax.ptq.dqc.step import (AUTO_MICROBATCH, DATA_AXIS, DQCSettings, init_state,
                                         jit_train_step)
 
 # Fraction of the device's memory a step may plan to use (fragmentation, the data pipeline,
@@ -123,9 +123,11 @@ def _memo(key: str) -> dict:
 
 
 def train_step_fn(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh, params: Mapping,
-                  state: Any, limit_bytes: int | None = None
+                  quant: Mapping, limit_bytes: int | None = None
                   ) -> tuple[Callable, DQCSettings, dict[str, Any]]:
   """The step function for `settings`, its microbatch resolved when it is 'auto'.
+
+  `params` and `quant` (the initial bounds) only give shapes; nothing is computed on them.
 
   Returns (step_fn(state, lr_u8, params) -> (state, metrics), the resolved settings, info with
   'microbatch', 'bytes', 'limit_bytes', 'compiles', 'cached'). An explicit microbatch returns the
@@ -137,6 +139,7 @@ def train_step_fn(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh, p
   repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
   abstract = lambda tree, sh: jax.tree_util.tree_map(
       lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a), sharding=sh), tree)
+  state = jax.eval_shape(lambda: init_state(settings, quant))
   args = (abstract(state, repl),
           jax.ShapeDtypeStruct((batch, lr_size, lr_size, 3), jnp.uint8, sharding=data),
           abstract(params, repl))
