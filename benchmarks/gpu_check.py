@@ -44,7 +44,8 @@ TINY_ARCH = {"embed_dim": 12, "depths": (1, 1), "num_heads": (2, 2)}
 
 
 def find_shared(arg: str) -> Path:
-  for cand in (arg, os.environ.get("TWODQUANT_SHARED", ""), REPO / "shared", REPO.parent / "shared"):
+  env = os.environ.get("TWODQUANT_SHARED", "")
+  for cand in (arg, env, REPO / "shared", REPO.parent / "shared"):
     if cand and (Path(cand) / "reference").is_dir():
       return Path(cand).resolve()
   raise FileNotFoundError("shared data not found: pass --shared PATH or set TWODQUANT_SHARED "

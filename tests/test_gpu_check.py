@@ -12,10 +12,9 @@ from twodquant_jax.paths import REPO_ROOT
 
 def test_gpu_check_smoke(shared, tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", TWODQUANT_SHARED=str(shared))
-  proc = subprocess.run([str(REPO_ROOT / "benchmarks" / "gpu_check.sh"), "--smoke",
-                         "--workdir", str(tmp_path),
-                         "--compile_cache", str(tmp_path / "xla")], env=env, capture_output=True, text=True,
-                        timeout=900)
+  cmd = [str(REPO_ROOT / "benchmarks" / "gpu_check.sh"), "--smoke", "--workdir", str(tmp_path),
+         "--compile_cache", str(tmp_path / "xla")]
+  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
   lines = [l for l in proc.stdout.splitlines() if l.strip()]
   assert len(lines) == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
   out = json.loads(lines[0])
