@@ -30,7 +30,6 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from twodquant_jax.io import convert
 from twodquant_jax.paths import shared_dir
 from twodquant_jax.ptq import names as qnames
-from twodquant_jax.io import bounds_file
 from twodquant_jax.ptq.dqc import loss as dqc_loss
 from twodquant_jax.ptq.dqc import step as dqc_step
 

@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from twodquant_jax.nn.quantizer import check_bits, fake_quant, num_levels
+from twodquant_jax.nn.quantizer import check_bits, num_levels
 
 DIRECTIONS = ("symmetric", "one_sided")
 ONE_SIDED_STEPS = ("paper", "reference")
