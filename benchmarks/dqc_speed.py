@@ -6,13 +6,21 @@ crops + bicubic LR), which bounds the real loop's speed when it is slower than t
 
   python benchmarks/dqc_speed.py                      # batch 32, 64x64 LR, x4, 2 bits
   python benchmarks/dqc_speed.py --batch 4 --steps 5  # a CPU-sized run
+  python benchmarks/dqc_speed.py --batch 4 --steps 4 --compare HEAD~1  # A/B in one process
+
+With `--compare REV`, the step of the package at git revision REV (see `ab_package.py`) is
+compiled too and the two are timed alternately on the same state and batch, so the ratio holds
+on a loaded machine; it also reports whether their first-step losses are bit-identical.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -63,46 +71,81 @@ def main() -> None:
                   help="accumulate gradients over microbatches of this size (config dqc.microbatch)")
   ap.add_argument("--remat", action="store_true",
                   help="wrap each Swin block in jax.checkpoint (config dqc.remat)")
+  ap.add_argument("--compare", default="",
+                  help="git revision whose step is timed alternately with this one (A/B)")
   ap.add_argument("--data_batches", type=int, default=2,
                   help="batches cut from ../shared/data/calib to time the host side (0: skip)")
   args = ap.parse_args()
 
-  settings = dqc_step.DQCSettings(scale=args.scale, bits=args.bits,
-                                  steps=max(args.steps, 1) + 1, loss=args.loss,
-                                  remat=args.remat, microbatch=args.microbatch)
-  mesh = dqc_step.data_mesh()
-  dqc_step.check_batch_size(args.batch, mesh)
-  repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(dqc_step.DATA_AXIS))
+  kw = dict(scale=args.scale, bits=args.bits, steps=max(args.steps, 1) + 1, loss=args.loss,
+            remat=args.remat, microbatch=args.microbatch)
+  settings = dqc_step.DQCSettings(**kw)
   rng = np.random.default_rng(args.seed)
   lr = rng.integers(0, 256, (args.batch, args.lr_size, args.lr_size, 3), dtype=np.uint8)
   params = _params(settings, args.seed)
   quant = _minmax_bounds(settings, params, lr[:2].astype(np.float32) / 255.0)
-  params = jax.device_put(params, repl)
-  state = jax.device_put(dqc_step.init_state(settings, quant), repl)
-  batch = jax.device_put(lr, data)
-
-  step = dqc_step.jit_train_step(settings, mesh)
-  t0 = time.perf_counter()
-  compiled = step.lower(state, batch, params).compile()
-  compile_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  state, m = compiled(state, batch, params)  # warm-up
-  jax.block_until_ready(m)
-  warmup_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
+  variants = {"new": dqc_step}
+  if args.compare:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import ab_package  # pylint: disable=g-import-not-at-top
+    variants["old"] = ab_package.module(ab_package.load(args.compare), "ptq.dqc.step")
+  runs = {}
+  for key, mod in variants.items():
+    s_ = mod.DQCSettings(**kw)
+    mesh = mod.data_mesh()
+    mod.check_batch_size(args.batch, mesh)
+    repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(mod.DATA_AXIS))
+    dparams = jax.device_put(params, repl)
+    own = jax.tree_util.tree_map(np.array, quant)  # private copies: the step donates its state
+    state = jax.device_put(mod.init_state(s_, own), repl)
+    batch = jax.device_put(lr, data)
+    t0 = time.perf_counter()
+    compiled = mod.jit_train_step(s_, mesh).lower(state, batch, dparams).compile()
+    compile_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    state, m = compiled(state, batch, dparams)  # warm-up
+    jax.block_until_ready(m)
+    runs[key] = {"compiled": compiled, "state": state, "batch": batch, "params": dparams,
+                 "compile_s": compile_s, "first_step_s": time.perf_counter() - t0,
+                 "first_loss": np.asarray(m["loss"]), "times": [],
+                 "first_quant": jax.tree_util.tree_map(np.asarray, state.quant), "m": m}
   for _ in range(args.steps):
-    state, m = compiled(state, batch, params)
-  jax.block_until_ready((state, m))
-  run_s = time.perf_counter() - t0
+    for r in runs.values():  # alternate the variants step by step
+      t0 = time.perf_counter()
+      r["state"], r["m"] = r["compiled"](r["state"], r["batch"], r["params"])
+      jax.block_until_ready((r["state"], r["m"]))
+      r["times"].append(time.perf_counter() - t0)
+  new = runs["new"]
+  run_s = sum(new["times"])
+  compile_s, warmup_s, m = new["compile_s"], new["first_step_s"], new["m"]
+  mesh = dqc_step.data_mesh()
 
   result = {
       "device": str(jax.devices()[0].device_kind), "num_devices": mesh.devices.size,
       "backend": jax.default_backend(), "batch": args.batch, "lr_size": args.lr_size,
       "scale": args.scale, "bits": args.bits, "loss": args.loss, "steps": args.steps,
+      "microbatch": args.microbatch,
       "compile_s": round(compile_s, 2), "first_step_s": round(warmup_s, 3),
       "steps_per_s": round(args.steps / run_s, 4), "s_per_step": round(run_s / args.steps, 4),
+      "median_s_per_step": round(statistics.median(new["times"]), 4),
       "loss_finite": bool(m["finite"]),
   }
+  if "old" in runs:
+    old = runs["old"]
+    lq = [np.asarray(v) for v in jax.tree_util.tree_leaves(new["first_quant"])]
+    lo = [np.asarray(v) for v in jax.tree_util.tree_leaves(old["first_quant"])]
+    result["compare"] = {
+        "rev": args.compare, "old_compile_s": round(old["compile_s"], 2),
+        "old_median_s_per_step": round(statistics.median(old["times"]), 4),
+        "old_s_per_step": round(sum(old["times"]) / args.steps, 4),
+        "speedup_median": round(statistics.median(old["times"]) /
+                                statistics.median(new["times"]), 3),
+        "speedup_total": round(sum(old["times"]) / run_s, 3),
+        "first_loss_bit_identical": bool(new["first_loss"] == old["first_loss"]),
+        "first_loss_new_old": [float(new["first_loss"]), float(old["first_loss"])],
+        "bounds_after_step1_max_abs_diff": float(max(np.max(np.abs(a - b))
+                                                     for a, b in zip(lq, lo))),
+    }
   if args.data_batches:
     from twodquant_jax.data import patches
     source = patches.load_patch_source(shared_dir() / "data" / "calib",

@@ -58,7 +58,9 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   # code runs (symmetric everywhere; near-equal candidates decided by its float32 error norm)
   c.dobi.strategy = "paper"
   c.dobi.tie = "auto"  # last: <= (paper pseudo-code) | first: strict < (code) | auto: per strategy
-  c.dobi.search = "auto"  # sorted: exact, on the host (fast on CPU) | brute: vmapped XLA scan | auto: brute on GPU/TPU
+  # sorted: exact, on the host (fast on CPU) | brute: vmapped XLA scan with float64 error sums
+  # (exact too; equal bounds) | auto: brute on GPU/TPU, sorted on CPU
+  c.dobi.search = "auto"
 
   c.percentile = ml_collections.ConfigDict()
   c.percentile.low = 0.01
@@ -78,10 +80,12 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   # recompute Swin block activations in the backward pass (jax.checkpoint). On the CPU backend
   # XLA's temp memory did not shrink with it (5.95 GB at batch 4 either way); off by default.
   c.dqc.remat = False
-  # >0: accumulate gradients over microbatches of at most this size (exact for both losses; the
-  # largest divisor of the batch is used). Batch 32 in one piece needs ~48 GB of XLA temp memory
-  # on CPU; microbatches of 8 need ~14 GB, of 4 ~6 GB. 0 = the whole batch at once.
-  c.dqc.microbatch = 8
+  # auto: the largest divisor of the batch whose compiled step fits the device memory (XLA's
+  # memory analysis against the GPU's bytes_limit, or on CPU the available RAM with headroom);
+  # decided once per configuration and cached (ptq/dqc/memory.py). An integer N > 0: microbatches
+  # of at most N (largest divisor of the batch; exact for both losses). Batch 32 in one piece
+  # needs ~48 GB of XLA temp memory on CPU; microbatches of 8 ~14 GB, of 4 ~6 GB. 0 = whole batch.
+  c.dqc.microbatch = "auto"
   c.dqc.checkpoint_every = 200  # orbax checkpoint interval (steps); resumes automatically
   c.dqc.keep_checkpoints = 2
   c.dqc.log_every = 10
@@ -90,6 +94,11 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   c.dqc.val_images = 10
   c.dqc.val_crop = 256  # validation HR crop (pixels) so one compile serves every image; 0 = whole
   c.dqc.data_workers = 0  # threads making training batches; 0 = automatic
+
+  # --- speed / compilation (issue 11)
+  # Persistent XLA compilation cache: a second run of the same configuration does not recompile.
+  # Empty = off. Set once at startup (pipeline.run).
+  c.compile_cache = "~/.cache/twodquant_jax/xla"
 
   c.report = ml_collections.ConfigDict()
   c.report.figures = False  # histograms, bound percentiles, visual crops, loss curve (PNG)

@@ -23,6 +23,7 @@ import numpy as np
 from absl import logging
 
 from twodquant_jax import distributed, figure_inputs
+from twodquant_jax import compile_cache
 from twodquant_jax import settings as run_settings
 from twodquant_jax import workdir as workdir_guard
 from twodquant_jax.data import patches
@@ -172,6 +173,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None, *,
   """
   validate(config)
   run_settings.check_paths(config)
+  compile_cache.enable(config.compile_cache)
   workdir = Path(workdir) if workdir else default_workdir(config)
   if not distributed.is_primary():  # process 0 holds the lock and writes; the others compute
     return _run(config, workdir, inputs)

@@ -22,7 +22,7 @@ from twodquant_jax.distributed import DistributedSettings
 from twodquant_jax.ptq import methods as method_registry
 from twodquant_jax.ptq.dobi import CalibSettings
 from twodquant_jax.ptq.dqc.loop import LoopSettings
-from twodquant_jax.ptq.dqc.step import DQCSettings
+from twodquant_jax.ptq.dqc.step import AUTO_MICROBATCH, DQCSettings
 
 
 def methods_of(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -61,7 +61,18 @@ def dqc_settings(config: ml_collections.ConfigDict, arch: Mapping[str, Any] | No
                      lr=float(d.lr), b1=float(d.b1), b2=float(d.b2), eps=float(d.eps),
                      schedule=str(d.schedule), loss=str(d.loss),
                      feature_weight=float(d.feature_weight), remat=bool(d.remat),
-                     microbatch=int(d.microbatch), arch=arch_items)
+                     microbatch=parse_microbatch(d.microbatch), arch=arch_items)
+
+
+def parse_microbatch(value: Any) -> int:
+  """config.dqc.microbatch: 'auto' -> AUTO_MICROBATCH, else a non-negative integer (int or str)."""
+  if str(value).strip().lower() == "auto":
+    return AUTO_MICROBATCH
+  try:
+    return int(str(value).strip())
+  except ValueError:
+    raise ValueError(f"config.dqc.microbatch must be 'auto' or an integer >= 0, got {value!r}"
+                     ) from None
 
 
 def loop_settings(config: ml_collections.ConfigDict) -> LoopSettings:

@@ -38,7 +38,7 @@ class CalibSettings:
   tie: str = "last"
   percentile_low: float = 0.01
   percentile_high: float = 99.99
-  search: str = "auto"  # sorted (exact, host) | brute (vmapped XLA) | auto: brute on GPU/TPU
+  search: str = "auto"  # sorted (host) | brute (XLA, f64 sums) | auto: brute on GPU; both exact
 
   def __post_init__(self):
     if self.method not in METHODS:

@@ -17,10 +17,12 @@ the whole tensor and keeps the best. Two interchangeable implementations, select
   ordered differently. Large tensors are cut into fixed-size pieces (errors add over pieces),
   sorted and scored on threads.
 - 'brute' (pure XLA; meant for accelerators and as a cross-check): scans over chunks of candidates,
-  vmapping fake_quant within a chunk, one fused pass over x per chunk. The float32 errors are
-  summed by XLA's reduction (measured on CPU: ~1e-7 relative to the float64 error on 6 M
-  elements); compiled, fake_quant's s * r + l becomes one fused multiply-add, so its v_q can differ
-  from PyTorch's by one ulp. Both only matter for candidates whose errors nearly tie.
+  vmapped within a chunk, one fused pass over x per chunk. Levels are PyTorch's float32 ones,
+  levels, quantized values are float32(s * j) + l as in PyTorch (no fused multiply-add),
+  and the squared errors are summed in float64 (64-bit types enabled for the call): exact to
+  float64 rounding like 'sorted', so the two give identical bounds on every backend (tested on
+  the calibration data; before, float32 sums made near-ties resolve differently on CPU and GPU).
+  Called under a caller's trace without 64-bit types, the sums stay float32.
 
 Candidates are computed as the released code does, in float32: step = (max - min) / (2K)
 (one-sided 'reference': (max - min) / K), l_i = min + i * step, u_i = max - i * step.
@@ -40,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from twodquant_jax.nn.quantizer import check_bits, fake_quant, num_levels
+from twodquant_jax.nn.quantizer import check_bits, num_levels
 
 DIRECTIONS = ("symmetric", "one_sided")
 ONE_SIDED_STEPS = ("paper", "reference")
@@ -282,25 +284,46 @@ def dobi_errors_brute(x: jnp.ndarray, bits: int, num_candidates: int = 100,
   """(lowers, uppers, squared errors) of all DOBI candidates on x, by brute force under XLA.
 
   Scans over chunks of `chunk` candidates (vmapped inside a chunk), so memory stays at a few
-  copies of x. The error uses fake_quant's forward.
+  copies of x. Each element's level is the float32 PyTorch computation (clip, subtract, true
+  divide, round half to even) and its quantized value is float32(s * j) + l (the product
+  rounded to float32 before the sum, as in PyTorch and the sorted method).
+  With 64-bit types enabled (`dobi_bounds` enables them for concrete inputs) the squared
+  differences are summed in float64, so the errors are exact to float64 rounding like the
+  sorted method's and both pick the same candidate; otherwise they are float32 sums.
   """
   x = jnp.asarray(x, jnp.float32).reshape(-1)
   lowers, uppers = _candidate_bounds_jnp(jnp.min(x), jnp.max(x), num_candidates, direction,
                                          one_sided_step)
+  levels = num_levels(bits)
+  steps = uppers - lowers
+  steps = steps / (jnp.float32(levels) + steps * jnp.float32(0))  # true division
+  valid = jnp.isfinite(steps) & (steps >= jnp.finfo(jnp.float32).tiny)
+  safe_steps = jnp.where(valid, steps, jnp.float32(1))
+  acc = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+  xw = x.astype(acc)
   k = num_candidates
   padded = -(-k // chunk) * chunk
+  pad = lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], padded - k, axis=0)]).reshape(
+      (-1, chunk) + a.shape[1:])
   # Padding candidates repeat the last one; their errors are dropped.
-  lo = jnp.concatenate([lowers, jnp.repeat(lowers[-1:], padded - k)]).reshape(-1, chunk)
-  up = jnp.concatenate([uppers, jnp.repeat(uppers[-1:], padded - k)]).reshape(-1, chunk)
 
-  def one(lower, upper):
-    return jnp.sum(jnp.square(x - fake_quant(x, lower, upper, bits)))
+  def one(lower, upper, step):
+    v_c = jnp.minimum(jnp.maximum(x, lower), upper)
+    r = jnp.round((v_c - lower) / (step + v_c * jnp.float32(0)))  # true division
+    if acc == jnp.float64:
+      # s * r is exact in float64 (24-bit s, integer r < 2^17); rounding it to float32 is
+      # PyTorch's float32 product, and the float32 sum follows (no fused multiply-add).
+      q = (step.astype(acc) * r.astype(acc)).astype(jnp.float32) + lower
+    else:
+      q = step * r + lower  # may be contracted to one multiply-add (one ulp)
+    return jnp.sum(jnp.square(xw - q.astype(acc)))
 
-  def body(carry, lu):
-    return carry, jax.vmap(one)(*lu)
+  def body(carry, args):
+    return carry, jax.vmap(one)(*args)
 
-  _, errors = jax.lax.scan(body, None, (lo, up))
-  return lowers, uppers, errors.reshape(-1)[:k]
+  _, errors = jax.lax.scan(body, None, (pad(lowers), pad(uppers), pad(safe_steps)))
+  errors = jnp.where(valid, errors.reshape(-1)[:k], jnp.inf)
+  return lowers, uppers, errors
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "num_candidates", "direction",
@@ -326,12 +349,16 @@ def dobi_bounds(x: jnp.ndarray, bits: int, num_candidates: int = 100,
     one_sided_step: one-sided step (max - min)/(2K) ('paper', Algorithm 1) or (max - min)/K
       ('reference', the released code's unused variant). Ignored for 'symmetric'.
     tie: 'first' keeps the first minimum (released code, strict <), 'last' the last (paper, <=).
-    method: 'sorted' (exact, host numpy; fast on CPU) or 'brute' (XLA; for accelerators).
+    method: 'sorted' (exact, host numpy; fast on CPU) or 'brute' (XLA; for accelerators; exact
+      float64 error sums for concrete x, so both give the same bounds).
   """
   _check_args(bits, num_candidates, direction, one_sided_step, tie, method)
   if method == "brute":
-    return _dobi_brute(jnp.asarray(x, jnp.float32), bits, num_candidates, direction,
-                       one_sided_step, tie)
+    if _is_traced(x):  # float64 sums only if the caller enabled 64-bit types
+      return _dobi_brute(x, bits, num_candidates, direction, one_sided_step, tie)
+    with jax.enable_x64(True):  # exact (float64) error sums, as the sorted method
+      return _dobi_brute(jnp.asarray(x, jnp.float32), bits, num_candidates, direction,
+                         one_sided_step, tie)
   fn = functools.partial(_dobi_sorted_np, bits=bits, num_candidates=num_candidates,
                          direction=direction, one_sided_step=one_sided_step, tie=tie)
   return _host_call(fn, x, 2)

@@ -23,8 +23,9 @@ from tqdm import tqdm
 
 from twodquant_jax.data import patches
 from twodquant_jax.ptq.dqc import checkpoint as ckpt
+from twodquant_jax.ptq.dqc import memory as dqc_memory
 from twodquant_jax.ptq.dqc.step import (DATA_AXIS, DQCSettings, DQCState, check_batch_size,
-                                        data_mesh, init_state, jit_train_step, make_schedule)
+                                        data_mesh, init_state, make_schedule)
 from twodquant_jax.ptq.names import tree_to_dict
 
 
@@ -136,7 +137,8 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
   workdir.mkdir(parents=True, exist_ok=True)
   log_path = workdir / ckpt.LOG_FILE
   schedule = make_schedule(settings)
-  step_fn = jit_train_step(settings, mesh)
+  step_fn, _, memory_info = dqc_memory.train_step_fn(settings, loop.batch_size, loop.lr_size,
+                                                     mesh, params, quant)
   put = lambda tree: jax.device_put(jax.tree_util.tree_map(jnp.asarray, tree), repl)
   params = put(params)
   # Steps donate the state's buffers: start from copies, so the caller's bounds stay alive.
@@ -231,7 +233,8 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
           "steps_per_s": rate, "first_step_seconds": first_step_seconds,
           "final_loss": final_loss, "resumed_from": resumed_from,
           "devices": [str(d) for d in mesh.devices.flat], "batch_size": loop.batch_size,
-          "loss": settings.loss, "schedule": settings.schedule, "validation": validation}
+          "loss": settings.loss, "schedule": settings.schedule, "validation": validation,
+          "microbatch": memory_info}
   return jax.device_get(state.quant), info
 
 

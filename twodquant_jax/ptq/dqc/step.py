@@ -23,6 +23,7 @@ from twodquant_jax.nn.swinir import SwinIR
 from twodquant_jax.ptq.dqc.loss import LOSS_FUNCTIONS, LOSSES, Aux, paper_loss, per_sample_norm
 
 SCHEDULES = ("cosine", "constant")
+AUTO_MICROBATCH = -1  # DQCSettings.microbatch: resolved by memory.train_step_fn before jitting
 DATA_AXIS = "data"
 
 Array = jnp.ndarray
@@ -42,7 +43,8 @@ class DQCSettings:
   loss: str = "reference"
   feature_weight: float = 5.0
   remat: bool = False
-  microbatch: int = 0  # >0: gradients accumulated over microbatches of at most this size
+  microbatch: int = 0  # >0: gradients accumulated over microbatches of at most this size;
+  # AUTO_MICROBATCH: the largest that fits the device (ptq/dqc/memory.py resolves it)
   arch: tuple[tuple[str, Any], ...] = ()  # SwinIR keyword overrides (tests: a tiny network)
 
   def __post_init__(self):
@@ -52,8 +54,8 @@ class DQCSettings:
       raise ValueError(f"config.dqc.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
     if self.steps < 1:
       raise ValueError(f"config.dqc.steps must be >= 1, got {self.steps}")
-    if self.microbatch < 0:
-      raise ValueError(f"config.dqc.microbatch must be >= 0, got {self.microbatch}")
+    if self.microbatch < 0 and self.microbatch != AUTO_MICROBATCH:
+      raise ValueError(f"config.dqc.microbatch must be 'auto' or >= 0, got {self.microbatch}")
 
   def model(self, mode: str = "fp") -> SwinIR:
     """The teacher ('fp') or the student ('quant', rematerialised blocks if `remat`)."""
@@ -88,21 +90,30 @@ def init_state(settings: DQCSettings, quant: Mapping) -> DQCState:
                   opt_state=make_optimizer(settings).init(quant))
 
 
-def _forward_pair(params: Mapping, quant: Mapping, x: Array, settings: DQCSettings):
+def teacher_outputs(params: Mapping, x: Array, settings: DQCSettings) -> tuple[Array, list]:
+  """The FP teacher's (output, features) on x, gradient-free. They do not depend on the bounds,
+  so a step computes them once per batch and shares them between its passes."""
+  teacher = settings.model("fp")
+  return jax.lax.stop_gradient(teacher.apply({"params": params}, x, return_features=True))
+
+
+def _forward_pair(params: Mapping, quant: Mapping, x: Array, settings: DQCSettings,
+                  teacher: tuple[Array, list] | None = None):
   """(out_q, out, feats_q, feats): the student's and the (gradient-free) teacher's outputs."""
-  teacher, student = settings.model("fp"), settings.model("quant")
-  out, feats = jax.lax.stop_gradient(teacher.apply({"params": params}, x, return_features=True))
-  out_q, feats_q = student.apply({"params": params, "quant": quant}, x, return_features=True)
+  out, feats = teacher if teacher is not None else teacher_outputs(params, x, settings)
+  out_q, feats_q = settings.model("quant").apply({"params": params, "quant": quant}, x,
+                                                 return_features=True)
   return out_q, out, feats_q, feats
 
 
-def distillation_loss(params: Mapping, quant: Mapping, x: Array, settings: DQCSettings
-                      ) -> tuple[Array, Aux]:
+def distillation_loss(params: Mapping, quant: Mapping, x: Array, settings: DQCSettings,
+                      teacher: tuple[Array, list] | None = None) -> tuple[Array, Aux]:
   """DQC loss of the student (bounds `quant`) against the FP teacher on float images x in [0, 1].
 
-  Differentiate w.r.t. `quant` only; the teacher is under stop_gradient.
+  Differentiate w.r.t. `quant` only; the teacher is under stop_gradient (pass its precomputed
+  `teacher_outputs` to skip recomputing them).
   """
-  out_q, out, feats_q, feats = _forward_pair(params, quant, x, settings)
+  out_q, out, feats_q, feats = _forward_pair(params, quant, x, settings, teacher)
   return LOSS_FUNCTIONS[settings.loss](out_q, out, feats_q, feats, settings.feature_weight)
 
 
@@ -133,6 +144,9 @@ def microbatched_value_and_grad(params: Mapping, quant: Mapping, x: Array,
   norms (its (B, B) broadcast): a first, gradient-free pass collects those, then each
   microbatch's share of `reference_feature_term`'s expansion is differentiated with the
   batch-wide coefficients as constants. Values equal the whole-batch loss up to float order.
+  The teacher runs once per microbatch, its outputs shared by the two passes (the student's
+  forward is repeated: keeping its residuals across microbatches would cost the whole batch's
+  memory).
   """
   b = x.shape[0]
   mb = microbatch_size(b, settings.microbatch)
@@ -140,33 +154,36 @@ def microbatched_value_and_grad(params: Mapping, quant: Mapping, x: Array,
   # contiguous blocks over devices, every microbatch still spans all devices (data parallel).
   xs = jnp.swapaxes(x.reshape((mb, b // mb) + x.shape[1:]), 0, 1)
   nf = len(settings.model("fp").depths)  # one feature per RSTB
+  # The teacher once per microbatch (small: its output and 4 features), shared by both passes.
+  teach = jax.lax.map(lambda xm: teacher_outputs(params, xm, settings), xs)
   zeros = jax.tree_util.tree_map(jnp.zeros_like, quant)
   aux0 = {"l_pix": jnp.zeros(()), "l_feature_terms": jnp.zeros(nf), "l_feature": jnp.zeros(())}
   if settings.loss == "paper":
-    def paper_part(q, xm):
-      loss, aux = paper_loss(*_forward_pair(params, q, xm, settings), settings.feature_weight)
+    def paper_part(q, xm, tm):
+      loss, aux = paper_loss(*_forward_pair(params, q, xm, settings, tm), settings.feature_weight)
       w = mb / b
       return loss * w, jax.tree_util.tree_map(lambda v: v * w, aux)
     loss_fn = paper_part
   else:
-    coef = _reference_coefficients(params, quant, xs, settings, nf)
+    coef = _reference_coefficients(params, quant, xs, teach, settings, nf)
     loss_fn = functools.partial(_reference_part, params, settings=settings, coef=coef, b=b)
 
-  def body(carry, xm):
-    return _tree_add(carry, jax.value_and_grad(loss_fn, has_aux=True)(quant, xm)), None
+  def body(carry, xt):
+    return _tree_add(carry, jax.value_and_grad(loss_fn, has_aux=True)(quant, *xt)), None
 
-  (value, grads), _ = jax.lax.scan(body, ((jnp.zeros(()), aux0), zeros), xs)
+  (value, grads), _ = jax.lax.scan(body, ((jnp.zeros(()), aux0), zeros), (xs, teach))
   return value, grads
 
 
-def _reference_coefficients(params, quant, xs, settings, nf) -> Array:
+def _reference_coefficients(params, quant, xs, teach, settings, nf) -> Array:
   """The batch-wide (nf, 3) coefficients of the reference feature term's expansion, from a
-  gradient-free pass over the microbatches (the detached per-sample norms)."""
-  def stats(xm):
-    out_q, out, feats_q, feats = _forward_pair(params, quant, xm, settings)
+  gradient-free pass of the student over the microbatches (the detached per-sample norms)."""
+  def stats(xt):
+    xm, tm = xt
+    out_q, out, feats_q, feats = _forward_pair(params, quant, xm, settings, tm)
     return jnp.stack([_pair_stats(fq, f) for fq, f in zip(feats_q, feats)])  # (nf, mb, 5)
 
-  st = jax.lax.stop_gradient(jax.lax.map(stats, xs))  # (M, nf, mb, 5)
+  st = jax.lax.stop_gradient(jax.lax.map(stats, (xs, teach)))  # (M, nf, mb, 5)
   st = jnp.moveaxis(st, 1, 0).reshape(nf, -1, 5)
   n_q, n, dd, df = st[..., 0], st[..., 1], st[..., 2], st[..., 3]
   a = 1.0 / n_q
@@ -174,9 +191,9 @@ def _reference_coefficients(params, quant, xs, settings, nf) -> Array:
   return jnp.stack([jnp.sum(a * a, 1), 2.0 * jnp.sum(a * c, 1), jnp.sum(c * c, 1)], 1)
 
 
-def _reference_part(params, q, xm, *, settings, coef, b) -> tuple[Array, Aux]:
+def _reference_part(params, q, xm, tm, *, settings, coef, b) -> tuple[Array, Aux]:
   """One microbatch's share of the whole-batch reference loss (coefficients held constant)."""
-  out_q, out, feats_q, feats = _forward_pair(params, q, xm, settings)
+  out_q, out, feats_q, feats = _forward_pair(params, q, xm, settings, tm)
   numel_out = float(b * np.prod(out.shape[1:]))
   l_pix = jnp.sum(jnp.abs(out_q - out)) / numel_out / numel_out * b
   terms = []
@@ -214,12 +231,16 @@ def train_step(state: DQCState, lr_u8: Array, params: Mapping, settings: DQCSett
   If the loss or a new bound is non-finite, the returned state is the input state (so it can
   never be saved) and metrics['finite'] is False.
   """
+  if settings.microbatch == AUTO_MICROBATCH:
+    raise ValueError("microbatch 'auto' must be resolved before the step is built "
+                     "(ptq.dqc.memory.train_step_fn)")
   x = lr_u8.astype(jnp.float32) / 255.0
   if settings.microbatch and settings.microbatch < x.shape[0]:
     (loss, aux), grads = microbatched_value_and_grad(params, state.quant, x, settings)
   else:
+    teacher = teacher_outputs(params, x, settings)  # outside the differentiated function
     (loss, aux), grads = jax.value_and_grad(
-        lambda q: distillation_loss(params, q, x, settings), has_aux=True)(state.quant)
+        lambda q: distillation_loss(params, q, x, settings, teacher), has_aux=True)(state.quant)
   updates, new_opt = make_optimizer(settings).update(grads, state.opt_state, state.quant)
   new = DQCState(step=state.step + 1, quant=optax.apply_updates(state.quant, updates),
                  opt_state=new_opt)

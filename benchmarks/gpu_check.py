@@ -1,0 +1,235 @@
+"""One command that proves the GPU path; prints ONE JSON object (see gpu_check.sh).
+
+Sections (each timed; a failing section records its error and the others still run):
+  fp_parity    FP SwinIR-light x4 on GPU vs reference/parity_x4_random.npz (official PyTorch
+               outputs) at matmul_precision 'highest' and 'default' (TF32 on GPUs that have it);
+  dobi         DOBI bounds (paper strategy, 2 bits, standin_x4.pth, calib_x4.npz lr[:4]) computed
+               on the default device (search 'brute', float64 sums) vs on the CPU (search
+               'sorted'): how many of the 768 bounds are equal;
+  dqc_speed    DQC steps/s at batch 32 (64x64 LR, x4, 2 bits) with dqc.microbatch=auto, and the
+               device's peak memory;
+  pipeline     the full x4 W2 2DQuant run on standin_x4.pth (DOBI on 32 patches, DQC 3000 steps
+               at batch 32, eval Set5/Set14/B100) with the wall time of each stage.
+
+`--smoke`: CPU-sized (tiny sizes, a 2-RSTB network for the DQC speed, DOBI instead of 2DQuant in
+the pipeline, one small image per dataset) so CI can check the script and its JSON keys.
+
+The shared data is found from --shared, else $TWODQUANT_SHARED, else <repo>/shared, else
+<repo>/../shared. Needed: reference/{parity_x4_random.npz, calib_x4.npz,
+swinir_light_x4_random.pth, standin_x4.pth}, data/calib, data/benchmarks/{Set5,Set14,B100}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+  sys.path.insert(0, str(REPO))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+SECTIONS = ("fp_parity", "dobi", "dqc_speed", "pipeline")
+TINY_ARCH = {"embed_dim": 12, "depths": (1, 1), "num_heads": (2, 2)}
+
+
+def find_shared(arg: str) -> Path:
+  env = os.environ.get("TWODQUANT_SHARED", "")
+  for cand in (arg, env, REPO / "shared", REPO.parent / "shared"):
+    if cand and (Path(cand) / "reference").is_dir():
+      return Path(cand).resolve()
+  raise FileNotFoundError("shared data not found: pass --shared PATH or set TWODQUANT_SHARED "
+                          "(a folder with reference/ and data/)")
+
+
+def _params(path: Path, scale: int = 4) -> dict:
+  from twodquant_jax.io import convert
+  from twodquant_jax.nn.swinir import variable_shapes
+  return convert.load_checkpoint(path, scale, variable_shapes(scale)["params"])[0]
+
+
+def fp_parity(shared: Path, smoke: bool) -> dict:
+  from twodquant_jax.eval.predict import Predictor
+  from twodquant_jax.nn.swinir import SwinIR
+  ref = np.load(shared / "reference" / "parity_x4_random.npz")
+  params = jax.device_put(_params(shared / "reference" / "swinir_light_x4_random.pth"))
+  model = SwinIR(upscale=4)
+  names = ("baby",) if smoke else ("baby", "woman", "bird")
+  out = {}
+  for precision in ("highest", "default"):
+    with jax.default_matmul_precision(precision):
+      pred = Predictor(lambda x: model.apply({"params": params}, x), 4)
+      srs = pred.predict([ref[f"{n}_lr"] for n in names])
+    errs = {n: float(np.abs(sr - ref[f"{n}_sr"]).max()) for n, sr in zip(names, srs)}
+    out[precision] = {"max_abs_diff": errs, "pass_1e-4": all(e <= 1e-4 for e in errs.values())}
+  return out
+
+
+def dobi(shared: Path, smoke: bool) -> dict:
+  from twodquant_jax.ptq import names as qnames
+  from twodquant_jax.ptq.dobi import CalibSettings, calibrate_many
+  calibrate = lambda p, scale, bits, lr, cfg: calibrate_many(p, scale, lr, {"_": (bits, cfg)})["_"]
+  lr = np.load(shared / "reference" / "calib_x4.npz")["lr"][:4]
+  if smoke:
+    lr = lr[:1, :16, :16]
+  params = _params(shared / "reference" / "standin_x4.pth")
+  t0 = time.perf_counter()
+  dev, _ = calibrate(jax.device_put(params), 4, 2, lr, CalibSettings(search="brute"))
+  dev_s = time.perf_counter() - t0
+  cpu = jax.devices("cpu")[0]
+  t0 = time.perf_counter()
+  with jax.default_device(cpu):
+    host, _ = calibrate(jax.device_put(params, cpu), 4, 2, lr, CalibSettings(search="sorted"))
+  cpu_s = time.perf_counter() - t0
+  a = {k: np.asarray(v) for k, v in qnames.leaves_by_name(dev, "bounds").items()}
+  b = {k: np.asarray(v) for k, v in qnames.leaves_by_name(host, "bounds").items()}
+  equal = sum(int(np.sum(a[k] == b[k])) for k in a)
+  differ = sorted(k for k in a if not np.array_equal(a[k], b[k]))
+  return {"device_backend": jax.default_backend(), "patches": int(lr.shape[0]),
+          "bounds_total": 2 * len(a), "bounds_equal": equal,
+          "quantizers_differing": differ[:20], "device_seconds": round(dev_s, 2),
+          "cpu_seconds": round(cpu_s, 2)}
+
+
+def dqc_speed(shared: Path, smoke: bool) -> dict:
+  from twodquant_jax.ptq import names as qnames
+  from twodquant_jax.ptq.dqc import memory as dqc_memory
+  from twodquant_jax.ptq.dqc import step as dqc_step
+  batch, lr_size, steps = (4, 16, 2) if smoke else (32, 64, 20)
+  from configs.base import get_config
+  from twodquant_jax import settings as run_settings
+  # The pipeline's own DQC settings (steps 3000 etc.), so its compile is a persistent-cache hit.
+  settings = run_settings.dqc_settings(get_config(scale=4, bits=2), dict(TINY_ARCH) if smoke
+                                       else None)
+  assert settings.microbatch == dqc_step.AUTO_MICROBATCH
+  if smoke:
+    params = jax.jit(settings.model("fp").init)(jax.random.key(0),
+                                                jnp.zeros((1, 8, 8, 3)))["params"]
+  else:
+    params = _params(shared / "reference" / "standin_x4.pth")
+  lr = np.load(shared / "reference" / "calib_x4.npz")["lr"]
+  lr = np.resize(lr[:, :lr_size, :lr_size], (batch, lr_size, lr_size, 3)).astype(np.uint8)
+  capture = jax.jit(lambda p, x: settings.model("capture").apply(
+      {"params": p}, x, mutable=["calib"])[1]["calib"])
+  seen = qnames.leaves_by_name(capture(params, lr[:2].astype(np.float32) / 255.0), "input")
+  quant = qnames.dict_to_tree({k: [float(jnp.min(v)), float(jnp.max(v))]
+                               for k, v in seen.items()})
+  mesh = dqc_step.data_mesh()
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(dqc_step.DATA_AXIS))
+  params = jax.device_put(params, repl)
+  state = jax.device_put(dqc_step.init_state(settings, quant), repl)
+  x = jax.device_put(lr, data)
+  with jax.default_matmul_precision("highest"):
+    t0 = time.perf_counter()
+    fn, resolved, info = dqc_memory.train_step_fn(settings, batch, lr_size, mesh, params, quant)
+    state, m = fn(state, x, params)
+    jax.block_until_ready(m)
+    first_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for _ in range(steps):
+      state, m = fn(state, x, params)
+    jax.block_until_ready((state, m))
+    run_s = time.perf_counter() - t0
+  dev = jax.devices()[0]
+  stats = dev.memory_stats() or {}
+  return {"batch": batch, "lr_size": lr_size, "steps_timed": steps,
+          "steps_per_s": round(steps / run_s, 4), "s_per_step": round(run_s / steps, 4),
+          "compile_and_first_step_s": round(first_s, 2),
+          "microbatch": int(info["microbatch"]), "microbatch_info": info,
+          "peak_device_bytes": stats.get("peak_bytes_in_use"),
+          "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+          "loss_finite": bool(m["finite"])}
+
+
+def _tiny_benchmarks(shared: Path, root: Path) -> Path:
+  """One 64x64 HR crop of the first image of each dataset (smoke mode)."""
+  from twodquant_jax.data.images import load_rgb, save_png
+  for name in ("Set5", "Set14", "B100"):
+    src = sorted((shared / "data" / "benchmarks" / name / "HR").glob("*.png"))[0]
+    save_png(root / name / "HR" / src.name, np.ascontiguousarray(load_rgb(src)[:64, :64]))
+  return root
+
+
+def pipeline(shared: Path, smoke: bool, workdir: Path) -> dict:
+  from configs.base import get_config
+  from twodquant_jax import pipeline as run_pipeline
+  c = get_config(scale=4, bits=2, method="dobi" if smoke else "2dquant")
+  c.model.checkpoint = str(shared / "reference" / "standin_x4.pth")
+  c.calib.root = str(shared / "data" / "calib")
+  c.data.root = str(shared / "data" / "benchmarks")
+  c.eval.datasets = "Set5,Set14,B100"
+  c.progress = False
+  c.compile_cache = jax.config.jax_compilation_cache_dir or ""  # the one this script set
+  c.dqc.steps, c.dqc.batch_size, c.calib.num_patches = 3000, 32, 32
+  if smoke:
+    c.calib.num_patches, c.calib.lr_size = 1, 16
+    c.data.root = str(_tiny_benchmarks(shared, workdir / "bench"))
+  t0 = time.perf_counter()
+  res = run_pipeline.run(c, workdir / "run")
+  total = time.perf_counter() - t0
+  method = c.method
+  entry = res["methods"][method]
+  calib = entry.get("calibration", {})
+  dqc = entry.get("dqc", {})
+  stages = {"calibration_s": calib.get("seconds_total"), "dqc_s": dqc.get("seconds"),
+            "method_s": entry.get("seconds"), "total_s": round(total, 2)}
+  stages["eval_s"] = (entry["seconds"] - (dqc.get("seconds") or 0.0)
+                      if entry.get("seconds") is not None else None)
+  scores = {n: {"psnr": d.get("psnr"), "ssim": d.get("ssim"), "seconds": d.get("seconds")}
+            for n, d in entry.get("datasets", {}).items()}
+  return {"method": method, "stages": stages, "datasets": scores,
+          "dqc_steps_per_s": dqc.get("steps_per_s"), "dqc_microbatch": dqc.get("microbatch"),
+          "dqc_final_loss": dqc.get("final_loss")}
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--smoke", action="store_true", help="CPU-sized run (CI)")
+  ap.add_argument("--shared", default="", help="the shared data folder (see module doc)")
+  ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections to run")
+  ap.add_argument("--workdir", default="", help="pipeline workdir (default: a temp folder)")
+  ap.add_argument("--compile_cache", default="~/.cache/twodquant_jax/xla",
+                  help="persistent compilation cache shared by the sections ('' = off)")
+  args = ap.parse_args(argv)
+  wanted = [s for s in args.only.split(",") if s]
+  bad = [s for s in wanted if s not in SECTIONS]
+  if bad:
+    ap.error(f"unknown sections {bad}; choose from {SECTIONS}")
+  t_start = time.perf_counter()
+  out = {"smoke": args.smoke, "backend": jax.default_backend(),
+         "device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
+         "jax": jax.__version__}
+  shared = find_shared(args.shared)
+  from twodquant_jax import compile_cache
+  compile_cache.enable(args.compile_cache)
+  work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="gpu_check_"))
+  for name in wanted:
+    t0 = time.perf_counter()
+    try:
+      if name == "pipeline":
+        result = pipeline(shared, args.smoke, work)
+      else:
+        result = globals()[name](shared, args.smoke)
+      out[name] = {"ok": True, **result}
+    except Exception as e:  # pylint: disable=broad-except
+      out[name] = {"ok": False, "error": f"{type(e).__name__}: {e}",
+                   "trace": traceback.format_exc(limit=4)[-1500:]}
+    out[name]["wall_s"] = round(time.perf_counter() - t0, 2)
+  out["wall_s"] = round(time.perf_counter() - t_start, 2)
+  print(json.dumps(out, default=str))
+  return 0 if all(out[s]["ok"] for s in wanted) else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main())

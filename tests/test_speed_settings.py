@@ -1,0 +1,114 @@
+"""Issue 11 settings: dqc.microbatch=auto (memory-fitted microbatch) and the persistent
+compilation cache (a second process finds its compiles)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+import dqc_tiny
+from twodquant_jax import settings as run_settings
+from twodquant_jax.paths import REPO_ROOT
+from twodquant_jax.ptq.dqc import memory as dqc_memory
+from twodquant_jax.ptq.dqc import step as dqc_step
+
+
+def _tiny(batch: int):
+  params, quant = dqc_tiny.tiny_setup()
+  arch = tuple(sorted(dqc_tiny.ARCH.items()))
+  settings = dqc_step.DQCSettings(scale=dqc_tiny.SCALE, bits=dqc_tiny.BITS, arch=arch,
+                                  microbatch=dqc_step.AUTO_MICROBATCH)
+  lr = np.random.default_rng(0).integers(0, 256, (batch, dqc_tiny.LR_SIZE, dqc_tiny.LR_SIZE, 3),
+                                         dtype=np.uint8)
+  return params, quant, settings, dqc_step.data_mesh(), lr
+
+
+def _state(settings, quant):
+  """A fresh state on private copies of the bounds (the step donates its state)."""
+  return dqc_step.init_state(settings, jax.tree_util.tree_map(np.array, quant))
+
+
+def test_auto_microbatch_fits_the_memory_limit():
+  batch = 6
+  params, quant, settings, mesh, lr = _tiny(batch)
+  # Plenty of memory: the whole batch in one piece, from one compile.
+  fn, resolved, info = dqc_memory.train_step_fn(settings, batch, dqc_tiny.LR_SIZE, mesh, params,
+                                                quant, limit_bytes=1 << 40)
+  assert resolved.microbatch == 0 and info["microbatch"] == batch and info["compiles"] == 1
+  whole_bytes = info["bytes"]
+  # Just too little for the whole batch: a smaller divisor that fits, found by compiling.
+  settings2 = dataclasses.replace(settings, lr=2e-2)  # a distinct decision key (no memo hit)
+  fn2, resolved2, info2 = dqc_memory.train_step_fn(settings2, batch, dqc_tiny.LR_SIZE, mesh,
+                                                   params, quant, limit_bytes=whole_bytes - 1)
+  assert resolved2.microbatch in (1, 2, 3) and info2["bytes"] < whole_bytes
+  assert info2["bytes"] <= whole_bytes - 1 or resolved2.microbatch == 1
+  # The memo returns the decision without compiling again.
+  _, resolved3, info3 = dqc_memory.train_step_fn(settings2, batch, dqc_tiny.LR_SIZE, mesh,
+                                                 params, quant, limit_bytes=whole_bytes - 1)
+  assert info3["cached"] and info3["compiles"] == 0 and resolved3 == resolved2
+  # The returned steps run and give the same loss (microbatches are exact up to float order).
+  _, m = fn2(_state(resolved2, quant), lr, params)
+  _, m_whole = fn(_state(resolved, quant), lr, params)
+  np.testing.assert_allclose(float(m["loss"]), float(m_whole["loss"]), rtol=1e-5)
+
+
+def test_microbatch_setting_parses():
+  c = dqc_tiny.tiny_config(steps=2, batch_size=4)
+  assert c.dqc.microbatch == "auto"
+  assert run_settings.dqc_settings(c).microbatch == dqc_step.AUTO_MICROBATCH
+  c.dqc.microbatch = "8"  # what --config.dqc.microbatch=8 gives for a string field
+  assert run_settings.dqc_settings(c).microbatch == 8
+  c.dqc.microbatch = "eight"
+  with pytest.raises(ValueError, match="microbatch"):
+    run_settings.dqc_settings(c)
+  with pytest.raises(ValueError, match="resolved"):
+    dqc_step.train_step(None, np.zeros((1, 8, 8, 3), np.uint8), {},
+                        dqc_step.DQCSettings(microbatch=dqc_step.AUTO_MICROBATCH))
+
+
+_CACHE_SCRIPT = textwrap.dedent("""
+    import sys, time
+    import jax, jax.numpy as jnp
+    from twodquant_jax import compile_cache
+    compile_cache.enable(sys.argv[1])
+    def f(x):
+      for i in range(40):
+        x = jnp.tanh(x @ x.T + i) * 0.5
+      return x
+    t = time.perf_counter()
+    jax.jit(f).lower(jnp.ones((32, 32))).compile()
+    print(time.perf_counter() - t)
+""")
+
+
+def test_compile_cache_is_used_by_a_second_process(tmp_path):
+  cache = tmp_path / "xla"
+  env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS="cpu")
+
+  def run() -> float:
+    out = subprocess.run([sys.executable, "-c", _CACHE_SCRIPT, str(cache)], env=env, check=True,
+                         capture_output=True, text=True, timeout=120)
+    return float(out.stdout.strip().splitlines()[-1])
+
+  first = run()
+  entries = sorted(p.name for p in cache.rglob("*") if p.is_file())
+  assert entries, "the first process wrote no cache entry"
+  second = run()
+  # A hit adds no new entry and skips XLA's compile (a cold compile of this function takes
+  # several times longer than loading it).
+  assert sorted(p.name for p in cache.rglob("*") if p.is_file()) == entries
+  assert second < first, (first, second)
+
+
+def test_compile_cache_config_default_and_off(tmp_path):
+  from configs.base import get_config  # pylint: disable=g-import-not-at-top
+  from twodquant_jax import compile_cache  # pylint: disable=g-import-not-at-top
+  assert get_config().compile_cache == compile_cache.DEFAULT_DIR
+  assert compile_cache.enable("") is None
