@@ -22,6 +22,9 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   c.model.checkpoint = ""  # local .pth; empty = download the official release file (sha256-checked)
   c.model.cache_dir = ""  # download cache; empty = $TWODQUANT_CACHE or ~/.cache/twodquant_jax
   c.model.bounds = ""  # evaluate given bounds (bounds.json or the authors' net_Q_*.pth), skip calibration
+  # evaluate a packed low-bit file (model_<method>_x{s}_w{b}.safetensors) without the FP checkpoint:
+  # weights and bounds come from the file, `method` only names the results row
+  c.model.packed = ""
 
   c.data = ml_collections.ConfigDict()
   c.data.root = "data/benchmarks"  # <root>/<Name>/HR/*.png (+ LR_bicubic/X{s})
@@ -32,6 +35,7 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   c.eval.tile = 0  # LR tile size for large images (multiple of 8); 0 = whole images
   c.eval.tile_overlap = 32
   c.eval.save_sr = False  # write the SR PNGs to <workdir>/sr/<method>/<dataset>/
+  c.eval.engine = "fake"  # quantized forward: fake (float fake-quant) | int (int8 matmuls + corrections)
 
   c.calib = ml_collections.ConfigDict()
   c.calib.root = "data/DF2K/HR"  # training images (DF2K HR; ../shared/data/calib here)
@@ -78,6 +82,11 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   c.dqc.val_images = 10
   c.dqc.val_crop = 256  # validation HR crop (pixels) so one compile serves every image; 0 = whole
   c.dqc.data_workers = 0  # threads making training batches; 0 = automatic
+
+  # Packed export (io/packed.py): after each quantized method, write its b-bit weight codes, all
+  # bounds and the float tensors to <workdir>/model_<method>_x{s}_w{b}.safetensors
+  c.export = ml_collections.ConfigDict()
+  c.export.packed = False
 
   c.report = ml_collections.ConfigDict()
   c.report.figures = False  # histograms, bound percentiles, visual crops, loss curve (PNG)

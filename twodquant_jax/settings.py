@@ -7,6 +7,7 @@ with one line, not after minutes of calibration.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 import ml_collections
@@ -15,6 +16,9 @@ from twodquant_jax.ptq import methods as method_registry
 from twodquant_jax.ptq.dobi import CalibSettings
 from twodquant_jax.ptq.dqc.loop import LoopSettings
 from twodquant_jax.ptq.dqc.step import DQCSettings
+
+
+ENGINES = ("fake", "int")  # eval.engine: fake-quant float forward | integer engine
 
 
 def methods_of(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -81,6 +85,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.calib.num_patches must be >= 1, got {config.calib.num_patches}")
     for m in quantized:
       calib_settings(config, m)
-  if "2dquant" in methods and not config.model.bounds:
+  if config.eval.engine not in ENGINES:
+    raise ValueError(f"config.eval.engine must be one of {ENGINES}, got {config.eval.engine!r}")
+  if not isinstance(config.export.packed, bool):
+    raise ValueError(f"config.export.packed must be True or False, got {config.export.packed!r}")
+  if config.model.packed:
+    if config.model.bounds:
+      raise ValueError("config.model.packed and config.model.bounds are exclusive: a packed "
+                       "file holds its own bounds")
+    if len(quantized) != len(methods):
+      raise ValueError(f"config.model.packed evaluates a quantized model: config.method must "
+                       f"name quantized methods only (one of {method_registry.QUANTIZED}), "
+                       f"got {config.method!r}")
+    if not Path(config.model.packed).is_file():
+      raise ValueError(f"config.model.packed: file not found: {config.model.packed}")
+  if "2dquant" in methods and not config.model.bounds and not config.model.packed:
     dqc_settings(config)
     loop_settings(config)

@@ -4,13 +4,11 @@ Layout: the codes form one little-endian bit stream. Code i occupies bits [i*b, 
 stream, least significant bit first, and stream bit j is bit (j % 8) of byte j // 8. So 2-bit codes
 sit 4 to a byte (code 0 in bits 0-1), 4-bit codes 2 to a byte (code 0 in the low nibble), 3-bit
 codes 8 to 3 bytes, 8-bit codes one to a byte. n codes take ceil(n*b/8) bytes; the unused high
-bits of the last byte are zero. The packer works in numpy (export); `unpack_jnp` is the same
-unpacking in jax.numpy (on device, traceable).
+bits of the last byte are zero. numpy only: packing happens at export, unpacking once at load.
 """
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import numpy as np
 
 PACK_BITS = (2, 3, 4, 5, 6, 7, 8)
@@ -48,12 +46,3 @@ def unpack(data: np.ndarray, bits: int, count: int) -> np.ndarray:
   stream = np.unpackbits(data, bitorder="little")[:count * bits].reshape(count, bits)
   return (stream.astype(np.uint16) << np.arange(bits, dtype=np.uint16)).sum(1).astype(np.uint8)
 
-
-def unpack_jnp(data: jnp.ndarray, bits: int, count: int) -> jnp.ndarray:
-  """`unpack` in jax.numpy (static bits and count); returns uint8 codes."""
-  bits = _check(bits)
-  if data.shape != (packed_nbytes(count, bits),):
-    raise ValueError(f"expected {packed_nbytes(count, bits)} packed bytes, got {data.shape}")
-  stream = (data.astype(jnp.uint32)[:, None] >> jnp.arange(8, dtype=jnp.uint32)) & 1
-  stream = stream.reshape(-1)[:count * bits].reshape(count, bits)
-  return jnp.sum(stream << jnp.arange(bits, dtype=jnp.uint32), axis=1).astype(jnp.uint8)
