@@ -199,4 +199,26 @@ def test_pipeline_export_then_evaluate_from_file_alone(reference, benchmarks, tm
   d3 = r3["methods"]["dobi"]["datasets"]["Set5"]
   assert (d2["psnr"], d2["ssim"]) == (d1["psnr"], d1["ssim"])
   assert abs(d3["psnr"] - d1["psnr"]) < 0.01
+  assert (r1["methods"]["dobi"]["engine"], r3["methods"]["dobi"]["engine"]) == ("fake", "int")
   assert r2["methods"]["2dquant"]["bounds_from"] == str(file)
+
+
+def test_config_validation(exported, monkeypatch):
+  monkeypatch.syspath_prepend(str(REPO_ROOT))
+  from configs import base
+  cases = [({"eval.engine": "float"}, "config.eval.engine must be one of"),
+           ({"model.packed": "/no/such.safetensors"}, "config.model.packed: file not found"),
+           ({"model.packed": str(exported[0]), "model.bounds": "b.json"}, "are exclusive"),
+           ({"model.packed": str(exported[0]), "method": "fp,dobi"}, "quantized methods only")]
+  for changes, message in cases:
+    c = base.get_config(scale=4, bits=4, method="dobi")
+    for key, value in changes.items():
+      node = c
+      for part in key.split(".")[:-1]:
+        node = node[part]
+      node[key.split(".")[-1]] = value
+    with pytest.raises(ValueError, match=message):
+      pipeline.validate(c)
+  c = base.get_config(scale=4, bits=4, method="2dquant")
+  c.model.packed, c.eval.engine = str(exported[0]), "int"
+  pipeline.validate(c)  # no DQC settings needed: the file's bounds are evaluated as they are

@@ -143,6 +143,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) ->
         quant = bounds.get(method)
         if quant is not None:
           entry["bounds_file"] = _save_bounds(config, workdir, method, quant)
+          entry["engine"] = config.eval.engine
           if config.export.packed:
             entry["packed"] = packed.export_packed(
                 workdir / packed.packed_filename(method, config.scale, config.bits), params, quant,
