@@ -1,7 +1,8 @@
 """Speed of the SwinIR-light forward: FP, fake-quant (float) and the integer engine, in one run.
 
-Each model is jitted once per input shape and timed after compilation (the median of `--repeats`
-calls, each blocked until ready). Inputs: LR batches of 8x64x64 and 1x256x256 by default. Prints
+Each model is jitted once per input shape and timed after compilation: the median of `--repeats`
+calls, each blocked until ready, the three models interleaved call by call so that a change in
+the machine's load hits them alike. Inputs: LR batches of 8x64x64 and 1x256x256 by default. Prints
 a table with the ratios against FP and writes JSON (`--out`). The weights are the reference
 random checkpoint (or `--checkpoint`), the bounds are `--bounds` or MinMax on the input itself:
 speed does not depend on their values.
@@ -39,17 +40,10 @@ def _minmax(params: dict, scale: int, x: jnp.ndarray) -> dict:
   return qnames.dict_to_tree({k: [float(jnp.min(v)), float(jnp.max(v))] for k, v in seen.items()})
 
 
-def _time(fn, variables, x, repeats: int) -> tuple[float, float]:
-  """(compile + first call seconds, median seconds per call after that)."""
+def _seconds(fn, variables, x) -> float:
   t0 = time.perf_counter()
   jax.block_until_ready(fn(variables, x))
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(variables, x))
-    times.append(time.perf_counter() - t0)
-  return first, statistics.median(times)
+  return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -78,14 +72,19 @@ def main() -> None:
     else:
       quant = _minmax(params, args.scale, x[:1])
     row = {"input": [b, h, w]}
-    for label, mode in ENGINES:
+    runs = {}
+    for label, mode in ENGINES:  # compile (first call) of each
       variables = {"params": params} if mode == "fp" else {"params": params, "quant": quant}
-      fn = jitted_apply(args.scale, mode, args.bits)
-      first, sec = _time(fn, variables, x, args.repeats)
-      row[label] = {"seconds": sec, "first_call_seconds": first,
-                    "lr_pixels_per_s": b * h * w / sec}
-      print(f"{spec:>10} {label:>5}: {sec * 1e3:9.1f} ms/call  (first call {first:.1f} s)",
-            flush=True)
+      runs[label] = (jitted_apply(args.scale, mode, args.bits), variables)
+      row[label] = {"first_call_seconds": _seconds(*runs[label], x), "times": []}
+    for _ in range(args.repeats):  # interleaved, so load changes hit all three alike
+      for label in runs:
+        row[label]["times"].append(_seconds(*runs[label], x))
+    for label in runs:
+      sec = statistics.median(row[label]["times"])
+      row[label].update(seconds=sec, lr_pixels_per_s=b * h * w / sec)
+      print(f"{spec:>10} {label:>5}: {sec * 1e3:9.1f} ms/call (median of {args.repeats}; "
+            f"first call {row[label]['first_call_seconds']:.1f} s)", flush=True)
     row["fake_over_fp"] = row["fake"]["seconds"] / row["fp"]["seconds"]
     row["int_over_fp"] = row["int"]["seconds"] / row["fp"]["seconds"]
     row["int_over_fake"] = row["int"]["seconds"] / row["fake"]["seconds"]

@@ -33,7 +33,8 @@ from twodquant_jax.io.convert import convert_state_dict, infer_scale, merge_spli
 from twodquant_jax.nn.packing import pack, packed_nbytes, unpack
 from twodquant_jax.nn.quantizer import num_levels
 from twodquant_jax.nn.swinir import variable_shapes
-from twodquant_jax.ptq.names import QuantTree, dict_to_tree, is_weight, tree_to_dict
+from twodquant_jax.ptq.names import (QuantTree, dict_to_tree, is_weight, name_from_path,
+                                     tree_to_dict)
 
 FORMAT = "twodquant-packed"
 FORMAT_VERSION = 1
@@ -57,17 +58,14 @@ def torch_state_dict(params: Mapping) -> dict[str, np.ndarray]:
   The inverse of `io.convert.convert_state_dict` (buffers such as attn_mask are not written).
   """
   out: dict[str, np.ndarray] = {}
+  renamed = {"patch_embed_norm": "patch_embed.norm", "upsample": "upsample.0"}
 
   def walk(node, path):
     for key, v in node.items():
       if isinstance(v, Mapping):
         walk(v, path + (key,))
         continue
-      mods = [f"{p.split('_')[0]}.{p.split('_')[1]}" if p.split("_")[0] in ("layers", "blocks")
-              and p.split("_")[-1].isdigit() else p for p in path]
-      mods = ["patch_embed.norm" if m == "patch_embed_norm" else "upsample.0" if m == "upsample"
-              else m for m in mods]
-      base = ".".join(mods)
+      base = name_from_path(tuple(renamed.get(p, p) for p in path))
       v = np.asarray(v, np.float32)
       if key == "kernel":
         v = v.T if v.ndim == 2 else v.transpose(3, 2, 0, 1)

@@ -42,10 +42,6 @@ class Coded:
   def swapaxes(self, a: int, b: int) -> "Coded":
     return self.replace(codes=self.codes.swapaxes(a, b))
 
-  @property
-  def shape(self) -> tuple[int, ...]:
-    return self.codes.shape
-
   def values(self) -> jnp.ndarray:
     """The float tensor the codes stand for (fake_quant's output, up to rounding)."""
     return self.scale * self.codes.astype(jnp.float32) + self.base
