@@ -90,7 +90,7 @@ def main() -> None:
     row["int_over_fake"] = row["int"]["seconds"] / row["fake"]["seconds"]
     rows.append(row)
 
-  print(f"\n| LR input | FP (ms) | fake-quant (ms) | int engine (ms) | fake/FP | int/FP | int/fake |")
+  print("\n| LR input | FP (ms) | fake-quant (ms) | int engine (ms) | fake/FP | int/FP | int/fake |")
   print("|---|---|---|---|---|---|---|")
   for r in rows:
     print(f"| {'x'.join(map(str, r['input']))} | {r['fp']['seconds'] * 1e3:.1f} | "

@@ -253,8 +253,8 @@ def summary_line(info: Mapping, formula: float | None, table_entries: int) -> st
   """One results.md line: size, overheads, measured compression vs the paper's formula."""
   line = (f"Packed model `{info['file']}`: {info['bytes']:,} bytes (payload "
           f"{100 * (info['payload_over_ideal'] - 1):+.2f}% and whole file "
-          f"{100 * (info['file_over_ideal'] - 1):+.2f}% against the ideal {info['ideal_bytes']:,.0f}"
-          f" bytes); measured compression {info['compression']:.2f}x")
+          f"{100 * (info['file_over_ideal'] - 1):+.2f}% against the ideal "
+          f"{info['ideal_bytes']:,.0f} bytes); measured compression {info['compression']:.2f}x")
   if formula is not None:
     line += (f" vs the paper formula's {formula:.2f}x, which leaves out the {table_entries:,} "
              "relative-position-table entries (float32 here) and the file's header and bounds")

@@ -95,9 +95,9 @@ class _QuantPair(nn.Module):
 class QuantQKV(nn.Module):
   """The qkv linear, stored whole as in the checkpoint, quantized as three separate linears.
 
-  In 'quant', 'int' (and 'capture') mode rows 0-59 / 60-119 / 120-179 of the torch weight (columns of
-  our kernel) are q, k and v, each with its own weight and input quantizer, as in the released
-  2DQuant code. In 'fp' mode it is one matmul, exactly the official network.
+  In 'quant', 'int' (and 'capture') mode rows 0-59 / 60-119 / 120-179 of the torch weight
+  (columns of our kernel) are q, k and v, each with its own weight and input quantizer, as in the
+  released 2DQuant code. In 'fp' mode it is one matmul, exactly the official network.
   """
   features: int
   mode: str = "fp"
