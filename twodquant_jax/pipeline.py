@@ -145,10 +145,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) ->
           entry["bounds_file"] = _save_bounds(config, workdir, method, quant)
           entry["engine"] = config.eval.engine
           if config.export.packed:
-            entry["packed"] = packed.export_packed(
-                workdir / packed.packed_filename(method, config.scale, config.bits), params, quant,
-                scale=config.scale, bits=config.bits, method=method,
-                source_sha256=convert.sha256sum(ckpt_path))
+            entry["packed"] = _export_packed(config, workdir, method, params, quant, ckpt_path,
+                                             results["ratios"])
         predict = sr_predictor(config, params, quant).predict
       entry["datasets"] = evaluate_method(config, method, predict, datasets, workdir)
       entry["seconds"] = time.perf_counter() - t0
@@ -212,6 +210,17 @@ def run_dqc(config: ml_collections.ConfigDict, params: dict, quant0: dict, workd
     validate_fn = lambda quant: validation.validate_psnr(params, quant, images, model)
   return dqc_loop.train(params, quant0, settings, run_settings.loop_settings(config), workdir,
                         progress=_progress(config), validate=validate_fn)
+
+
+def _export_packed(config, workdir: Path, method: str, params: dict, quant: dict,
+                   source: Path, ratio: dict) -> dict:
+  """Writes model_<method>_x{s}_w{b}.safetensors and logs its size against the paper's ratio."""
+  info = packed.export_packed(workdir / packed.packed_filename(method, config.scale, config.bits),
+                              params, quant, scale=config.scale, bits=config.bits, method=method,
+                              source_sha256=convert.sha256sum(source))
+  logging.info("%s", packed.summary_line(info, ratio["compression"],
+                                         ratio["params"]["bias_table"]))
+  return info
 
 
 def _save_bounds(config, workdir: Path, method: str, quant: dict) -> str:
