@@ -22,6 +22,9 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   c.model.checkpoint = ""  # local .pth; empty = download the official release file (sha256-checked)
   c.model.cache_dir = ""  # download cache; empty = $TWODQUANT_CACHE or ~/.cache/twodquant_jax
   c.model.bounds = ""  # evaluate given bounds (bounds.json or the authors' net_Q_*.pth), skip calibration
+  # evaluate a packed low-bit file (model_<method>_x{s}_w{b}.safetensors) without the FP checkpoint:
+  # weights and bounds come from the file, `method` only names the results row
+  c.model.packed = ""
 
   c.data = ml_collections.ConfigDict()
   # <root>/<Name>/HR/*.png (+ LR_bicubic/X{s}), used as it is; empty = the sets in data.cache
@@ -43,6 +46,7 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   # 0.002 dB of whole images from overlap 8 up (README, notes/issue12_figures.md).
   c.eval.tile_overlap = 16
   c.eval.save_sr = False  # write the SR PNGs to <workdir>/sr/<method>/<dataset>/
+  c.eval.engine = "fake"  # quantized forward: fake (float fake-quant) | int (int8 matmuls + corrections)
 
   c.calib = ml_collections.ConfigDict()
   # training images (the paper: DF2K HR); empty = DIV2K's 800 train HR images from data.cache
@@ -99,6 +103,10 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   # Persistent XLA compilation cache: a second run of the same configuration does not recompile.
   # Empty = off. Set once at startup (pipeline.run).
   c.compile_cache = "~/.cache/twodquant_jax/xla"
+  # Packed export (io/packed.py): after each quantized method, write its b-bit weight codes, all
+  # bounds and the float tensors to <workdir>/model_<method>_x{s}_w{b}.safetensors
+  c.export = ml_collections.ConfigDict()
+  c.export.packed = False
 
   c.report = ml_collections.ConfigDict()
   c.report.figures = False  # histograms, bound percentiles, visual crops, loss curve (PNG)

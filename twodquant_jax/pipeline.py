@@ -31,7 +31,7 @@ from twodquant_jax.data.benchmarks import load_benchmark
 from twodquant_jax.data.images import save_png
 from twodquant_jax.eval import predict as evaluate
 from twodquant_jax.eval import ratios, validation
-from twodquant_jax.io import bounds_file, convert
+from twodquant_jax.io import bounds_file, convert, packed
 from twodquant_jax.nn.swinir import SwinIR, variable_shapes
 from twodquant_jax.ptq import methods as method_registry
 from twodquant_jax.ptq import names as qnames
@@ -71,7 +71,12 @@ def load_inputs(config: ml_collections.ConfigDict, calibration: bool = False) ->
 
 
 def load_params(config: ml_collections.ConfigDict) -> tuple[dict, dict, Path]:
-  """FP params of the checkpoint (local path or the official download) and any bounds in it."""
+  """FP params of the checkpoint (local path or the official download) and any bounds in it;
+  with `model.packed`, the packed file's (dequantized) params and its bounds instead."""
+  if config.model.packed:
+    params, quant, _ = packed.load_packed(config.model.packed, config.scale, config.bits)
+    return (jax.tree_util.tree_map(jnp.asarray, params), qnames.tree_to_dict(quant),
+            Path(config.model.packed))
   path = convert.resolve_checkpoint(config.model.checkpoint or None, config.scale,
                                     config.model.cache_dir or None, mirror=config.data.mirror,
                                     progress=_progress(config),
@@ -97,7 +102,8 @@ def sr_predictor(config: ml_collections.ConfigDict, params: dict, quant: dict | 
   if quant is None:
     fn, variables = evaluate.jitted_apply(config.scale), {"params": params}
   else:
-    fn = evaluate.jitted_apply(config.scale, "quant", config.bits)
+    mode = "int" if config.eval.engine == "int" else "quant"  # integer engine or fake-quant
+    fn = evaluate.jitted_apply(config.scale, mode, config.bits)
     variables = {"params": params, "quant": quant}
   return evaluate.Predictor(fn, config.scale, batch_size=config.eval.batch_size,
                             tile=config.eval.tile or None, tile_overlap=config.eval.tile_overlap,
@@ -215,6 +221,10 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, inputs: Inputs | None
         quant = bounds.get(method)
         if quant is not None:
           entry["bounds_file"] = _save_bounds(config, workdir, method, quant)
+          entry["engine"] = config.eval.engine
+          if config.export.packed:
+            entry["packed"] = _export_packed(config, workdir, method, params, quant, ckpt_path,
+                                             results["ratios"])
         predict = sr_predictor(config, params, quant).predict
       entry["datasets"] = evaluate_method(config, method, predict, datasets, workdir, kept)
       entry["seconds"] = time.perf_counter() - t0
@@ -256,7 +266,7 @@ def _initial_bounds(config, params, ckpt_bounds, results, calib_lr, workdir: Pat
   if config.model.bounds:
     given, source = bounds_file.load_bounds(config.model.bounds, like), config.model.bounds
   elif ckpt_bounds:
-    given, source = qnames.dict_to_tree(ckpt_bounds, like), "checkpoint"
+    given, source = qnames.dict_to_tree(ckpt_bounds, like), config.model.packed or "checkpoint"
   bounds: dict[str, dict] = {}
   if given is not None:
     # Given bounds are evaluated as they are (2DQuant: the calibrated model, no further DQC).
@@ -321,6 +331,17 @@ def run_dqc(config: ml_collections.ConfigDict, params: dict, quant0: dict, workd
   return dqc_loop.train(params, quant0, settings, run_settings.loop_settings(config), workdir,
                         progress=_progress(config),
                         validate=dqc_validator(config, params, settings.model("quant")))
+
+
+def _export_packed(config, workdir: Path, method: str, params: dict, quant: dict,
+                   source: Path, ratio: dict) -> dict:
+  """Writes model_<method>_x{s}_w{b}.safetensors and logs its size against the paper's ratio."""
+  info = packed.export_packed(workdir / packed.packed_filename(method, config.scale, config.bits),
+                              params, quant, scale=config.scale, bits=config.bits, method=method,
+                              source_sha256=convert.sha256sum(source))
+  logging.info("%s", packed.summary_line(info, ratio["compression"],
+                                         ratio["params"]["bias_table"]))
+  return info
 
 
 def _save_bounds(config, workdir: Path, method: str, quant: dict) -> str:

@@ -25,6 +25,9 @@ from twodquant_jax.ptq.dqc.loop import LoopSettings
 from twodquant_jax.ptq.dqc.step import AUTO_MICROBATCH, DQCSettings
 
 
+ENGINES = ("fake", "int")  # eval.engine: fake-quant float forward | integer engine
+
+
 def methods_of(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   """The methods to run, in the paper's row order."""
   return method_registry.parse(config.method)
@@ -186,7 +189,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
       calib_settings(config, m)
   if config.report.figures:
     figure_settings(config)
-  if "2dquant" in methods and not config.model.bounds:
+  if config.eval.engine not in ENGINES:
+    raise ValueError(f"config.eval.engine must be one of {ENGINES}, got {config.eval.engine!r}")
+  if not isinstance(config.export.packed, bool):
+    raise ValueError(f"config.export.packed must be True or False, got {config.export.packed!r}")
+  if config.model.packed:
+    if config.model.bounds:
+      raise ValueError("config.model.packed and config.model.bounds are exclusive: a packed "
+                       "file holds its own bounds")
+    if len(quantized) != len(methods):
+      raise ValueError(f"config.model.packed evaluates a quantized model: config.method must "
+                       f"name quantized methods only (one of {method_registry.QUANTIZED}), "
+                       f"got {config.method!r}")
+    if not Path(config.model.packed).is_file():
+      raise ValueError(f"config.model.packed: file not found: {config.model.packed}")
+  if "2dquant" in methods and not config.model.bounds and not config.model.packed:
     dqc_settings(config)
     loop_settings(config)
   data_settings(config)

@@ -1,10 +1,12 @@
 """Flax modules that put fake quantizers into the network.
 
 Every quantizer is a `FakeQuant` module whose two bounds live in the 'quant' variable collection
-(never in 'params'). The network runs in one of three modes, a static attribute:
+(never in 'params'). The network runs in one of four modes, a static attribute:
   'fp'      quantizers are the identity and hold no variables (the full-precision model);
   'capture' quantizers are the identity and `sow` what they see into 'calib' (for DOBI etc.);
-  'quant'   quantizers apply Eq. (1) with their bounds (the fake-quantized student).
+  'quant'   quantizers apply Eq. (1) with their bounds (the fake-quantized student);
+  'int'     the integer engine: quantizers return int8 codes (`intmath.Coded`, same bounds and
+            rounding as 'quant') and every quantized matmul runs on them (`qmatmul`).
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from twodquant_jax.nn.intmath import Coded, encode, int_matmul
 from twodquant_jax.nn.quantizer import fake_quant
 
-MODES = ("fp", "capture", "quant")
+MODES = ("fp", "capture", "quant", "int")
 BOUNDS = "bounds"  # variable name inside each quantizer's 'quant' collection entry
 CALIB = "calib"    # collection that 'capture' mode sows quantizer inputs into
 
@@ -26,8 +29,18 @@ def check_mode(mode: str) -> None:
     raise ValueError(f"quantization mode must be one of {MODES}, got {mode!r}")
 
 
+def qmatmul(a, b) -> jnp.ndarray:
+  """a @ b: on integer codes when both are `Coded` ('int' mode), else the float matmul."""
+  if isinstance(a, Coded) and isinstance(b, Coded):
+    return int_matmul(a, b)
+  if isinstance(a, Coded) or isinstance(b, Coded):
+    raise TypeError("qmatmul: both operands or neither must be integer codes")
+  return a @ b
+
+
 class FakeQuant(nn.Module):
-  """One per-tensor two-bound fake quantizer (paper Eq. 1), identity outside 'quant' mode.
+  """One per-tensor two-bound fake quantizer (paper Eq. 1), identity in 'fp'/'capture' mode;
+  in 'int' mode it returns the int8 codes (`Coded`) instead of their float values.
 
   Which calibration rule a quantizer gets (e.g. the paper's one-sided DOBI for the attention map
   and the fc2 input) is decided from its name by the calibration code, not here.
@@ -43,6 +56,8 @@ class FakeQuant(nn.Module):
       self.sow(CALIB, "input", x, reduce_fn=lambda _, new: new, init_fn=lambda: None)
       return x
     bounds = self.variable("quant", BOUNDS, lambda: jnp.array([-1.0, 1.0], jnp.float32))
+    if self.mode == "int":
+      return encode(x, bounds.value[0], bounds.value[1], self.bits)
     return fake_quant(x, bounds.value[0], bounds.value[1], self.bits)
 
 
@@ -61,7 +76,7 @@ class QuantDense(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
     x = FakeQuant(self.mode, self.bits, name="act_quantizer")(x)
     kernel = FakeQuant(self.mode, self.bits, name="weight_quantizer")(kernel)
-    return x @ kernel + bias
+    return qmatmul(x, kernel) + bias
 
 
 class _QuantPair(nn.Module):
@@ -74,15 +89,15 @@ class _QuantPair(nn.Module):
     self.weight_quantizer = FakeQuant(self.mode, self.bits)
 
   def __call__(self, x: jnp.ndarray, kernel: jnp.ndarray, bias: jnp.ndarray) -> jnp.ndarray:
-    return self.act_quantizer(x) @ self.weight_quantizer(kernel) + bias
+    return qmatmul(self.act_quantizer(x), self.weight_quantizer(kernel)) + bias
 
 
 class QuantQKV(nn.Module):
   """The qkv linear, stored whole as in the checkpoint, quantized as three separate linears.
 
-  In 'quant' (and 'capture') mode rows 0-59 / 60-119 / 120-179 of the torch weight (columns of
-  our kernel) are q, k and v, each with its own weight and input quantizer, as in the released
-  2DQuant code. In 'fp' mode it is one matmul, exactly the official network.
+  In 'quant', 'int' (and 'capture') mode rows 0-59 / 60-119 / 120-179 of the torch weight
+  (columns of our kernel) are q, k and v, each with its own weight and input quantizer, as in the
+  released 2DQuant code. In 'fp' mode it is one matmul, exactly the official network.
   """
   features: int
   mode: str = "fp"

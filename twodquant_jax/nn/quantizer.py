@@ -122,3 +122,20 @@ def fake_quant(v: jnp.ndarray, lower: jnp.ndarray, upper: jnp.ndarray, bits: int
   lower = jnp.asarray(lower, dtype)
   upper = jnp.asarray(upper, dtype)
   return _fake_quant(v, lower, upper, bits)
+
+
+def quant_codes(v: jnp.ndarray, lower: jnp.ndarray, upper: jnp.ndarray, bits: int) -> jnp.ndarray:
+  """The integer codes r in [0, 2^N - 1] that `fake_quant` rounds to, as floats (no gradient).
+
+  Same operations as `fake_quant`'s forward, so fake_quant(v) == quant_step(l, u, N) * r + l
+  (up to the fused multiply-add) with the very same r: what the integer engine computes with.
+  """
+  check_bits(bits)
+  v = jnp.asarray(v)
+  dtype = v.dtype if jnp.issubdtype(v.dtype, jnp.floating) else jnp.float32
+  v = v.astype(dtype)
+  lower = jnp.asarray(lower, dtype)
+  upper = jnp.asarray(upper, dtype)
+  s = quant_step(lower, upper, bits)
+  v_c = jnp.minimum(jnp.maximum(v, lower), upper)
+  return jnp.round(_true_div(v_c - lower, s))

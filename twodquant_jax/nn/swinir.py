@@ -3,7 +3,7 @@
 The network follows the official PyTorch code (SPEC.md section 1): shallow conv, 4 residual Swin
 transformer blocks (RSTB) of 6 Swin blocks each, LayerNorm, conv, pixelshuffledirect upsampler.
 The 384 quantizers of the released 2DQuant code sit in every Swin block (SPEC.md section 3); the
-`mode` attribute ('fp', 'capture', 'quant') says what they do, see `quant/modules.py`.
+`mode` attribute ('fp', 'capture', 'quant', 'int') says what they do, see `nn/layers.py`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from twodquant_jax.nn.layers import FakeQuant, QuantDense, QuantQKV, check_mode
+from twodquant_jax.nn.layers import FakeQuant, QuantDense, QuantQKV, check_mode, qmatmul
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
 LN_EPS = 1e-5
@@ -81,7 +81,7 @@ class WindowAttention(nn.Module):
     q = FakeQuant(self.mode, self.bits, name="mymodule_q")(q)
     k = FakeQuant(self.mode, self.bits, name="mymodule_k")(k)
     v = FakeQuant(self.mode, self.bits, name="mymodule_v")(v)
-    attn = q @ k.swapaxes(-2, -1)
+    attn = qmatmul(q, k.swapaxes(-2, -1))
     table = self.param("relative_position_bias_table", nn.initializers.truncated_normal(0.02),
                        ((2 * ws - 1) ** 2, nh))
     bias = table[relative_position_index(ws).reshape(-1)].reshape(n, n, nh).transpose(2, 0, 1)
@@ -92,7 +92,7 @@ class WindowAttention(nn.Module):
       attn = attn.reshape(b_, nh, n, n)
     attn = jax.nn.softmax(attn, axis=-1)
     attn = FakeQuant(self.mode, self.bits, name="mymodule_a")(attn)
-    out = (attn @ v).transpose(0, 2, 1, 3).reshape(b_, n, c)
+    out = qmatmul(attn, v).transpose(0, 2, 1, 3).reshape(b_, n, c)
     return QuantDense(self.dim, self.mode, self.bits, name="proj")(out)
 
 

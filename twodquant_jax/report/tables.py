@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+from twodquant_jax.io.packed import summary_line as packed_summary
 from twodquant_jax.ptq.methods import LABELS
 
 
@@ -32,6 +33,10 @@ def results_markdown(results: Mapping) -> str:
     rows += ["", f"Compression ratio {r['compression']:.2f}x, speedup ratio {r['speedup']:.2f}x "
              f"at {r['bits']} bits (paper Table 2 counting, {r['macs_input_hw'][0]}x"
              f"{r['macs_input_hw'][1]} LR input)."]
+  for entry in methods.values():
+    if "packed" in entry:
+      rows += ["", packed_summary(entry["packed"], r["compression"] if r else None,
+                                  r["params"]["bias_table"] if r else 0)]
   rows += ["", f"Checkpoint: `{results.get('checkpoint', '?')}`; total time "
            f"{results.get('seconds_total', float('nan')):.1f} s."]
   return "\n".join(rows) + "\n"
