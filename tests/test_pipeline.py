@@ -35,7 +35,7 @@ def test_2dquant_beats_dobi_end_to_end(tmp_path, reference, benchmarks, shared):
   c.calib.lr_size = 16
   c.dqc.steps = 60
   c.dqc.batch_size = 4
-  c.dqc.microbatch = 0
+  c.dqc.microbatch = "0"
   c.dqc.checkpoint_every = 60
   c.dqc.log_every = 10
   c.progress = False
