@@ -381,6 +381,23 @@ def test_official_weights_through_the_mirror_and_offline(server, tmp_path, refer
   assert len(server.requests) == 1
 
 
+def test_mirror_digest_for_other_weights(server, tmp_path, reference):
+  """A mirror holding another file at the weights' release path is refused against the pinned
+  digest, and accepted (still verified) with its own digest given for the original URL."""
+  from twodquant_jax.io import convert
+  name, _ = convert.OFFICIAL[4]
+  path = _serve(server, convert.RELEASE + name, (reference / "standin_x4.pth").read_bytes())
+  with pytest.raises(DownloadError, match="sha256"):
+    convert.resolve_checkpoint(None, 4, str(tmp_path / "a"), mirror=server.url, progress=False)
+  got = convert.resolve_checkpoint(
+      None, 4, str(tmp_path / "b"), mirror=server.url, progress=False,
+      mirror_digests={convert.RELEASE + name: download.sha256sum(path)})
+  assert got.read_bytes() == path.read_bytes()
+  with pytest.raises(DownloadError, match="sha256"):  # a wrong given digest still fails
+    convert.resolve_checkpoint(None, 4, str(tmp_path / "c"), mirror=server.url, progress=False,
+                               mirror_digests={convert.RELEASE + name: "0" * 64})
+
+
 def test_two_runs_sharing_a_cache_take_turns(server, tmp_path):
   """Two runs fetching the same set at once: one downloads, the other waits and uses it."""
   _serve(server, SET14_URL, _tar_gz(SET14))

@@ -80,7 +80,8 @@ def load_params(config: ml_collections.ConfigDict) -> tuple[dict, dict, Path]:
   path = convert.resolve_checkpoint(config.model.checkpoint or None, config.scale,
                                     config.model.cache_dir or None, mirror=config.data.mirror,
                                     progress=_progress(config),
-                                    download_ok=bool(config.data.download))
+                                    download_ok=bool(config.data.download),
+                                    mirror_digests=run_settings.mirror_digests(config))
   shapes = variable_shapes(config.scale)["params"]
   params, bounds = convert.load_checkpoint(path, config.scale, shapes)
   return jax.tree_util.tree_map(jnp.asarray, params), bounds, path

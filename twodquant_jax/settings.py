@@ -131,6 +131,12 @@ def _mirror_checksums(path: str) -> tuple[tuple[str, str], ...]:
   return tuple(sorted((str(k), v) for k, v in data.items()))
 
 
+def mirror_digests(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """{original URL: sha256} of data.mirror_checksums (only with data.mirror), else {}."""
+  d = config.data
+  return dict(_mirror_checksums(d.mirror_checksums)) if d.mirror and d.mirror_checksums else {}
+
+
 def data_settings(config: ml_collections.ConfigDict, has_bounds: bool = False
                   ) -> data_cache.DataSettings:
   """Where the run's data comes from (local folders or the download cache)."""

@@ -34,26 +34,30 @@ _SPLIT_QKV = re.compile(r"^(.*\.attn\.qkv)\.([qkv])\.(weight|bias)$")
 
 
 def fetch_official(scale: int, cache_dir: str | Path | None = None, *, mirror: str = "",
-                   progress: bool = True, download_ok: bool = True) -> Path:
+                   progress: bool = True, download_ok: bool = True,
+                   mirror_digests: Mapping[str, str] | None = None) -> Path:
   """Returns the official SwinIR-light checkpoint for `scale`, downloading it once into the cache.
 
   Through `download.fetch`: verified against the published sha256, resumable, never left half
   written under its final name; `mirror` replaces the release host (same path);
-  `download_ok=False` only accepts the cached file.
+  `download_ok=False` only accepts the cached file. `mirror_digests` ({original URL: sha256},
+  only with a mirror) names the digest of a mirror's own version of the file.
   """
   if scale not in OFFICIAL:
     raise ValueError(f"no official SwinIR-light checkpoint for scale {scale} (2, 3 or 4)")
   name, digest = OFFICIAL[scale]
   cache = Path(cache_dir) if cache_dir else default_cache_dir()
   url = RELEASE + name
+  if mirror and mirror_digests and url in mirror_digests:
+    digest = mirror_digests[url]
   return download.fetch(download.mirror_url(url, mirror), cache / name, sha256=digest,
                         hint="to use a local file pass --config.model.checkpoint=/path/to/file.pth",
                         progress=progress, offline=not download_ok)
 
 
 def resolve_checkpoint(checkpoint: str | None, scale: int, cache_dir: str | None = None, *,
-                       mirror: str = "", progress: bool = True, download_ok: bool = True
-                       ) -> Path:
+                       mirror: str = "", progress: bool = True, download_ok: bool = True,
+                       mirror_digests: Mapping[str, str] | None = None) -> Path:
   """A local path when given (must exist), else the official file for `scale` (downloaded, from
   `mirror` when given, unless `download_ok` is False)."""
   if checkpoint:
@@ -62,7 +66,7 @@ def resolve_checkpoint(checkpoint: str | None, scale: int, cache_dir: str | None
       raise FileNotFoundError(f"checkpoint not found: {path}")
     return path
   return fetch_official(scale, cache_dir, mirror=mirror, progress=progress,
-                        download_ok=download_ok)
+                        download_ok=download_ok, mirror_digests=mirror_digests)
 
 
 def state_dict_from(obj: Any, source: str = "checkpoint") -> dict[str, np.ndarray]:
