@@ -199,7 +199,7 @@ def main(argv=None) -> int:
   ap.add_argument("--shared", default="", help="the shared data folder (see module doc)")
   ap.add_argument("--only", default=",".join(SECTIONS), help="comma-separated sections to run")
   ap.add_argument("--workdir", default="", help="pipeline workdir (default: a temp folder)")
-  ap.add_argument("--compile_cache", default="~/.cache/twodquant_jax/xla",
+  ap.add_argument("--compile_cache", default="default",
                   help="persistent compilation cache shared by the sections ('' = off)")
   args = ap.parse_args(argv)
   wanted = [s for s in args.only.split(",") if s]

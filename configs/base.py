@@ -102,7 +102,7 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   # --- speed / compilation (issue 11)
   # Persistent XLA compilation cache: a second run of the same configuration does not recompile.
   # Empty = off. Set once at startup (pipeline.run).
-  c.compile_cache = "~/.cache/twodquant_jax/xla"
+  c.compile_cache = "default"  # <$TWODQUANT_CACHE or ~/.cache/twodquant_jax>/xla; a path; "" = off
   # Packed export (io/packed.py): after each quantized method, write its b-bit weight codes, all
   # bounds and the float tensors to <workdir>/model_<method>_x{s}_w{b}.safetensors
   c.export = ml_collections.ConfigDict()

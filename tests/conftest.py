@@ -1,10 +1,24 @@
 """Shared test fixtures: the ../shared folder, found relative to the repo root."""
 
+import os
 from pathlib import Path
 
 import pytest
 
 from twodquant_jax.paths import shared_dir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+  """Every cache the package writes (downloads, XLA compiles, microbatch decisions) goes to a
+  fresh folder: tests neither read the user's ~/.cache nor leave anything in it."""
+  old = os.environ.get("TWODQUANT_CACHE")
+  os.environ["TWODQUANT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+  yield
+  if old is None:
+    os.environ.pop("TWODQUANT_CACHE", None)
+  else:
+    os.environ["TWODQUANT_CACHE"] = old
 
 
 @pytest.fixture(scope="session")

@@ -110,5 +110,5 @@ def test_compile_cache_is_used_by_a_second_process(tmp_path):
 def test_compile_cache_config_default_and_off(tmp_path):
   from configs.base import get_config  # pylint: disable=g-import-not-at-top
   from twodquant_jax import compile_cache  # pylint: disable=g-import-not-at-top
-  assert get_config().compile_cache == compile_cache.DEFAULT_DIR
+  assert get_config().compile_cache == compile_cache.DEFAULT
   assert compile_cache.enable("") is None

@@ -1,7 +1,8 @@
 """The persistent XLA compilation cache: compiled steps survive the process, so a second run of
 the same configuration (or a resumed one) does not recompile (about a minute per DQC step on CPU).
 
-Set once at startup by `pipeline.run` from `config.compile_cache` (empty: off).
+Set once at startup by `pipeline.run` from `config.compile_cache` ('default': `xla/` in the
+project cache, $TWODQUANT_CACHE or ~/.cache/twodquant_jax; a path; empty: off).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import jax
 
-DEFAULT_DIR = "~/.cache/twodquant_jax/xla"
+from twodquant_jax.io.download import default_cache_dir
+
+DEFAULT = "default"  # <$TWODQUANT_CACHE or ~/.cache/twodquant_jax>/xla, beside the other caches
 
 
 def enable(cache_dir: str) -> Path | None:
@@ -20,7 +23,11 @@ def enable(cache_dir: str) -> Path | None:
   Returns the folder, or None when off."""
   if not cache_dir:
     return None
-  path = Path(os.path.expanduser(str(cache_dir))).resolve()
+  if cache_dir == DEFAULT:
+    path = default_cache_dir() / "xla"
+  else:
+    path = Path(os.path.expanduser(str(cache_dir)))
+  path = path.resolve()
   path.mkdir(parents=True, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", str(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -31,7 +31,7 @@ from twodquant_jax.data.benchmarks import load_benchmark
 from twodquant_jax.data.images import save_png
 from twodquant_jax.eval import predict as evaluate
 from twodquant_jax.eval import ratios, validation
-from twodquant_jax.io import bounds_file, convert, packed
+from twodquant_jax.io import bounds_file, convert, download, packed
 from twodquant_jax.nn.swinir import SwinIR, variable_shapes
 from twodquant_jax.ptq import methods as method_registry
 from twodquant_jax.ptq import names as qnames
@@ -339,7 +339,7 @@ def _export_packed(config, workdir: Path, method: str, params: dict, quant: dict
   """Writes model_<method>_x{s}_w{b}.safetensors and logs its size against the paper's ratio."""
   info = packed.export_packed(workdir / packed.packed_filename(method, config.scale, config.bits),
                               params, quant, scale=config.scale, bits=config.bits, method=method,
-                              source_sha256=convert.sha256sum(source))
+                              source_sha256=download.sha256sum(source))
   logging.info("%s", packed.summary_line(info, ratio["compression"],
                                          ratio["params"]["bias_table"]))
   return info

@@ -250,7 +250,8 @@ def check_paths(config: ml_collections.ConfigDict) -> None:
   typo fails in a second, not after calibration."""
   methods = methods_of(config)
   quantized = any(method_registry.REGISTRY[m].quantized for m in methods)
-  wanted = [("model.checkpoint", config.model.checkpoint, "file"),
+  wanted = [("model.packed", config.model.packed, "file"),
+            ("model.checkpoint", "" if config.model.packed else config.model.checkpoint, "file"),
             ("model.bounds", config.model.bounds, "file"),
             ("data.root", config.data.root, "dir")]
   if quantized and not config.model.bounds:
