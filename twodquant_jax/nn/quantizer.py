@@ -103,6 +103,14 @@ def _fake_quant_bwd(bits, res, g):
 _fake_quant.defvjp(_fake_quant_fwd, _fake_quant_bwd)
 
 
+def _as_float(v, lower, upper, bits: int):
+  """Checks `bits`; v in its float dtype (float32 for integers), the bounds in the same dtype."""
+  check_bits(bits)
+  v = jnp.asarray(v)
+  dtype = v.dtype if jnp.issubdtype(v.dtype, jnp.floating) else jnp.float32
+  return v.astype(dtype), jnp.asarray(lower, dtype), jnp.asarray(upper, dtype)
+
+
 def fake_quant(v: jnp.ndarray, lower: jnp.ndarray, upper: jnp.ndarray, bits: int) -> jnp.ndarray:
   """Fake-quantizes `v` to 2^bits levels on [lower, upper] (SPEC Eq. 1), differentiably.
 
@@ -115,12 +123,7 @@ def fake_quant(v: jnp.ndarray, lower: jnp.ndarray, upper: jnp.ndarray, bits: int
   Returns:
     v_q with v's shape and dtype. Gradients follow the released code (module doc).
   """
-  check_bits(bits)
-  v = jnp.asarray(v)
-  dtype = v.dtype if jnp.issubdtype(v.dtype, jnp.floating) else jnp.float32
-  v = v.astype(dtype)
-  lower = jnp.asarray(lower, dtype)
-  upper = jnp.asarray(upper, dtype)
+  v, lower, upper = _as_float(v, lower, upper, bits)
   return _fake_quant(v, lower, upper, bits)
 
 
@@ -130,12 +133,7 @@ def quant_codes(v: jnp.ndarray, lower: jnp.ndarray, upper: jnp.ndarray, bits: in
   Same operations as `fake_quant`'s forward, so fake_quant(v) == quant_step(l, u, N) * r + l
   (up to the fused multiply-add) with the very same r: what the integer engine computes with.
   """
-  check_bits(bits)
-  v = jnp.asarray(v)
-  dtype = v.dtype if jnp.issubdtype(v.dtype, jnp.floating) else jnp.float32
-  v = v.astype(dtype)
-  lower = jnp.asarray(lower, dtype)
-  upper = jnp.asarray(upper, dtype)
+  v, lower, upper = _as_float(v, lower, upper, bits)
   s = quant_step(lower, upper, bits)
   v_c = jnp.minimum(jnp.maximum(v, lower), upper)
   return jnp.round(_true_div(v_c - lower, s))
