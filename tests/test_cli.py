@@ -274,3 +274,32 @@ def test_bound_fractions_and_helpers(tmp_path):
   (tmp_path / "bounds_minmax.json").write_text("{}")
   (tmp_path / "bounds_2dquant.json").write_text("{}")
   assert list(figure_inputs.bound_files(tmp_path, config.method)) == ["minmax", "dobi", "2dquant"]
+
+
+def test_rerun_of_the_same_command_is_not_refused(tmp_path, reference, benchmarks, monkeypatch):
+  """The workdir guard compares a rerun with the config as the user gave it, not with the data
+  locations the run resolved (with no data.root the sets come from the download cache): resuming
+  or repeating the same command must not be refused as 'a different config'."""
+  from configs import base
+  root = tmp_path / "bench"
+  _tiny_benchmark(root, benchmarks)
+  real = settings.with_local_data
+
+  def as_if_from_the_cache(config, has_bounds=False):  # what an empty data.root resolves to
+    out = real(config, has_bounds)
+    out.data.root = str(root)
+    return out
+
+  monkeypatch.setattr(settings, "with_local_data", as_if_from_the_cache)
+  c = base.get_config(scale=4, bits=4, method="fp")
+  c.model.checkpoint = str(reference / "swinir_light_x4_random.pth")
+  c.data.root = str(tmp_path / "elsewhere")  # stands for "" (the cache): never read as such
+  (tmp_path / "elsewhere").mkdir()
+  c.eval.datasets = "Set5"
+  c.progress = False
+  first = pipeline.run(c, tmp_path / "run")
+  assert first["config"]["data"]["root"] == str(tmp_path / "elsewhere")
+  assert first["data"]["root"] == str(root)
+  second = pipeline.run(c, tmp_path / "run")  # the same command again
+  assert second["methods"]["fp"]["datasets"]["Set5"]["psnr"] == pytest.approx(
+      first["methods"]["fp"]["datasets"]["Set5"]["psnr"], abs=1e-12)

@@ -192,12 +192,15 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, inputs: Inputs | None
   t_start = time.perf_counter()
   with jax.default_matmul_precision(config.matmul_precision):
     inputs = inputs or load_inputs(config)
+    given = config.to_dict()  # as the user gave it: what a rerun is compared with
     # The local data folders (a cache check; downloads only what a shared `inputs` lacked).
     config = run_settings.with_local_data(config, has_bounds=bool(inputs.ckpt_bounds))
     params, ckpt_bounds, ckpt_path = inputs.params, inputs.ckpt_bounds, inputs.ckpt_path
     datasets = inputs.datasets
     results: dict[str, Any] = {
-        "complete": False, "config": config.to_dict(), "checkpoint": str(ckpt_path),
+        "complete": False, "config": given, "checkpoint": str(ckpt_path),
+        "data": {"root": config.data.root, "calib_root": config.calib.root,
+                 "datasets": list(datasets)},
         "scale": config.scale,
         "bits": config.bits, "methods": {}, "environment": _environment(),
         "ratios": ratios.ratios(params, SwinIR(upscale=config.scale), config.bits),
