@@ -7,8 +7,8 @@ benchmarks -> SR images -> PSNR/SSIM -> results.json / results.md / figures in t
 
 from __future__ import annotations
 
-import functools
 import dataclasses
+import functools
 import json
 import platform
 import sys
@@ -57,6 +57,7 @@ class Inputs:
   ckpt_path: Path
   datasets: dict
   calib_lr: np.ndarray | None = None  # None: made when needed
+  local: ml_collections.ConfigDict | None = None  # the loading config, data roots made local
 
 
 def load_inputs(config: ml_collections.ConfigDict, calibration: bool = False) -> Inputs:
@@ -67,7 +68,7 @@ def load_inputs(config: ml_collections.ConfigDict, calibration: bool = False) ->
   datasets = {n: load_benchmark(config.data.root, n, config.scale)  # bad images fail first
               for n in dataset_names(config)}
   calib_lr = calibration_batch(config) if calibration and not config.model.bounds else None
-  return Inputs(params, ckpt_bounds, ckpt_path, datasets, calib_lr)
+  return Inputs(params, ckpt_bounds, ckpt_path, datasets, calib_lr, config)
 
 
 def load_params(config: ml_collections.ConfigDict) -> tuple[dict, dict, Path]:
@@ -191,10 +192,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None, *,
 def _run(config: ml_collections.ConfigDict, workdir: Path, inputs: Inputs | None) -> dict:
   t_start = time.perf_counter()
   with jax.default_matmul_precision(config.matmul_precision):
-    inputs = inputs or load_inputs(config)
     given = config.to_dict()  # as the user gave it: what a rerun is compared with
-    # The local data folders (a cache check; downloads only what a shared `inputs` lacked).
-    config = run_settings.with_local_data(config, has_bounds=bool(inputs.ckpt_bounds))
+    if inputs is None:  # loaded here: its data roots are already this run's
+      inputs = load_inputs(config)
+      config = inputs.local
+    else:  # shared by a sweep's cells: this cell's roots (a cache check; fetches what it lacks)
+      config = run_settings.with_local_data(config, has_bounds=bool(inputs.ckpt_bounds))
     params, ckpt_bounds, ckpt_path = inputs.params, inputs.ckpt_bounds, inputs.ckpt_path
     datasets = inputs.datasets
     results: dict[str, Any] = {
