@@ -15,7 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from twodquant_jax import distributed, pipeline, sweep
+from twodquant_jax import distributed, host_memory, pipeline, sweep
 from twodquant_jax.io.download import DownloadError
 from twodquant_jax.io.torch_pickle import CheckpointError
 from twodquant_jax.settings import distributed_settings
@@ -100,6 +100,7 @@ def main(argv):
                      "configs/base.py)\n")
     sys.exit(1)
   setup_logging()
+  host_memory.apply(FLAGS.config.host_malloc)  # before the backend starts its threads
   try:
     distributed.initialize(distributed_settings(FLAGS.config))
     job.run(FLAGS.config, FLAGS.workdir or None)

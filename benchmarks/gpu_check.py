@@ -161,7 +161,7 @@ def _tiny_benchmarks(shared: Path, root: Path) -> Path:
   return root
 
 
-def pipeline(shared: Path, smoke: bool, workdir: Path) -> dict:
+def pipeline(shared: Path, smoke: bool, workdir: Path, dqc_steps: int = 3000) -> dict:
   from configs.base import get_config
   from twodquant_jax import pipeline as run_pipeline
   c = get_config(scale=4, bits=2, method="dobi" if smoke else "2dquant")
@@ -171,7 +171,7 @@ def pipeline(shared: Path, smoke: bool, workdir: Path) -> dict:
   c.eval.datasets = "Set5,Set14,B100"
   c.progress = False
   c.compile_cache = jax.config.jax_compilation_cache_dir or ""  # the one this script set
-  c.dqc.steps, c.dqc.batch_size, c.calib.num_patches = 3000, 32, 32
+  c.dqc.steps, c.dqc.batch_size, c.calib.num_patches = dqc_steps, 32, 32
   if smoke:
     c.calib.num_patches, c.calib.lr_size = 1, 16
     c.data.root = str(_tiny_benchmarks(shared, workdir / "bench"))
@@ -188,7 +188,7 @@ def pipeline(shared: Path, smoke: bool, workdir: Path) -> dict:
                       if entry.get("seconds") is not None else None)
   scores = {n: {"psnr": d.get("psnr"), "ssim": d.get("ssim"), "seconds": d.get("seconds")}
             for n, d in entry.get("datasets", {}).items()}
-  return {"method": method, "stages": stages, "datasets": scores,
+  return {"method": method, "dqc_steps": c.dqc.steps, "stages": stages, "datasets": scores,
           "dqc_steps_per_s": dqc.get("steps_per_s"), "dqc_microbatch": dqc.get("microbatch"),
           "dqc_final_loss": dqc.get("final_loss")}
 
@@ -201,7 +201,15 @@ def main(argv=None) -> int:
   ap.add_argument("--workdir", default="", help="pipeline workdir (default: a temp folder)")
   ap.add_argument("--compile_cache", default="default",
                   help="persistent compilation cache shared by the sections ('' = off)")
+  ap.add_argument("--pipeline_dqc_steps", type=int, default=3000,
+                  help="DQC steps of the pipeline section (the paper's 3000; fewer only to fit "
+                       "a time limit, and the JSON says how many ran)")
+  ap.add_argument("--json_out", default="",
+                  help="also write the JSON here, rewritten after every section (a run cut "
+                       "short by a time limit keeps the finished sections)")
   args = ap.parse_args(argv)
+  from twodquant_jax import host_memory
+  host_memory.apply("keep")  # as main.py does, before the backend starts its threads
   wanted = [s for s in args.only.split(",") if s]
   bad = [s for s in wanted if s not in SECTIONS]
   if bad:
@@ -218,7 +226,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
       if name == "pipeline":
-        result = pipeline(shared, args.smoke, work)
+        result = pipeline(shared, args.smoke, work, args.pipeline_dqc_steps)
       else:
         result = globals()[name](shared, args.smoke)
       out[name] = {"ok": True, **result}
@@ -226,7 +234,14 @@ def main(argv=None) -> int:
       out[name] = {"ok": False, "error": f"{type(e).__name__}: {e}",
                    "trace": traceback.format_exc(limit=4)[-1500:]}
     out[name]["wall_s"] = round(time.perf_counter() - t0, 2)
+    out["wall_s"] = round(time.perf_counter() - t_start, 2)
+    print(f"gpu_check: {name} done in {out[name]['wall_s']} s (ok={out[name]['ok']})",
+          file=sys.stderr, flush=True)
+    if args.json_out:
+      Path(args.json_out).write_text(json.dumps(out, default=str, indent=1))
   out["wall_s"] = round(time.perf_counter() - t_start, 2)
+  if args.json_out:
+    Path(args.json_out).write_text(json.dumps(out, default=str, indent=1))
   print(json.dumps(out, default=str))
   return 0 if all(out[s]["ok"] for s in wanted) else 1
 

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dqc_speed  # noqa: E402  (a sibling script, not a package)
+from twodquant_jax import host_memory
 from twodquant_jax.ptq.dqc import step as dqc_step
 
 
@@ -90,7 +91,9 @@ def main() -> None:
   ap.add_argument("--top", type=int, default=30)
   ap.add_argument("--rev", default="", help="profile the package at this git revision instead")
   ap.add_argument("--out", default="", help="also write the JSON summary here")
+  ap.add_argument("--host_malloc", default="keep", choices=host_memory.POLICIES)
   args = ap.parse_args()
+  host_memory.apply(args.host_malloc)  # before the backend starts its threads
 
   step_mod = dqc_step
   if args.rev:

@@ -103,6 +103,10 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   # Persistent XLA compilation cache: a second run of the same configuration does not recompile.
   # Empty = off. Set once at startup (pipeline.run).
   c.compile_cache = "default"  # <$TWODQUANT_CACHE or ~/.cache/twodquant_jax>/xla; a path; "" = off
+  # Host malloc (twodquant_jax/host_memory.py), applied by main.py before the backend starts:
+  # 'keep' reuses freed memory (XLA:CPU frees a multi-GB buffer every step; glibc would unmap it
+  # and page-fault it back in: a third of a CPU step's time); 'system' leaves glibc's defaults.
+  c.host_malloc = "keep"
   # Packed export (io/packed.py): after each quantized method, write its b-bit weight codes, all
   # bounds and the float tensors to <workdir>/model_<method>_x{s}_w{b}.safetensors
   c.export = ml_collections.ConfigDict()

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
+from twodquant_jax import host_memory
 from twodquant_jax.figure_inputs import FigureSettings
 from twodquant_jax.io import data_cache
 from twodquant_jax.io.download import mirror_url
@@ -195,6 +196,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       calib_settings(config, m)
   if config.report.figures:
     figure_settings(config)
+  if config.get("host_malloc", "keep") not in host_memory.POLICIES:
+    raise ValueError(f"config.host_malloc must be one of {host_memory.POLICIES}, "
+                     f"got {config.host_malloc!r}")
   if config.eval.engine not in ENGINES:
     raise ValueError(f"config.eval.engine must be one of {ENGINES}, got {config.eval.engine!r}")
   if not isinstance(config.export.packed, bool):

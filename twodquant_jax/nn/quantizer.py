@@ -67,36 +67,56 @@ def quant_step(lower: jnp.ndarray, upper: jnp.ndarray, bits: int) -> jnp.ndarray
 
 
 def _forward(v, lower, upper, bits):
-  """(v_q, t - r): Eq. 1 op by op as PyTorch computes it, and the rounding residual."""
+  """(s, t, r): Eq. 1 op by op as PyTorch computes it, up to the rounding; v_q = s * r + l."""
   s = quant_step(lower, upper, bits)
   v_c = jnp.minimum(jnp.maximum(v, lower), upper)
   t = _true_div(v_c - lower, s)
-  r = jnp.round(t)  # half to even, as torch.round
-  return s * r + lower, t - r
+  return s, t, jnp.round(t)  # half to even, as torch.round
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _fake_quant(v, lower, upper, bits):
-  return _forward(v, lower, upper, bits)[0]
+  s, _, r = _forward(v, lower, upper, bits)
+  return s * r + lower
 
 
 def _fake_quant_fwd(v, lower, upper, bits):
-  v_q, resid = _forward(v, lower, upper, bits)
-  return v_q, (v, lower, upper, resid)
+  # Only the inputs are kept: the backward recomputes t and r inside its reduction loop, which
+  # is cheaper than writing and re-reading a full-size residual (t - r) per quantizer.
+  s, _, r = _forward(v, lower, upper, bits)
+  return s * r + lower, (v, lower, upper)
+
+
+def _sums_per_row(operands: tuple[jnp.ndarray, ...]) -> tuple[jnp.ndarray, ...]:
+  """Sums of each operand over all its elements, as ONE variadic reduction.
+
+  One XLA reduce over the tuple fuses the elementwise producers of all operands into a single
+  pass over memory (three separate sums would each need their operand written out first). The
+  sum runs over every axis but the first, then over the first: partial sums per row keep the
+  float32 rounding error of a 6 M-element attention map near 1e-6 relative.
+  """
+  ndim = operands[0].ndim
+  zero = tuple(jnp.zeros((), x.dtype) for x in operands)
+  rows = jax.lax.reduce(operands, zero, lambda a, b: tuple(x + y for x, y in zip(a, b)),
+                        tuple(range(1 if ndim >= 2 else 0, ndim)))
+  return tuple(jnp.sum(x) for x in rows)
 
 
 def _fake_quant_bwd(bits, res, g):
-  """The module doc's closed-form gradients: one pass over (v, t - r, g), two masks and three
-  sums, instead of differentiating clip, the divisions and the affine map one by one."""
-  v, lower, upper, resid = res
+  """The module doc's closed-form gradients: the mask for v, and for the bounds the sums of g
+  below l, of g above u and of g * (t - r), computed in one pass over (v, g)."""
+  v, lower, upper = res
   zero = jnp.zeros_like(g)
   g_v = jnp.where((v >= lower) & (v <= upper), g, zero)
+  _, t, r = _forward(v, lower, upper, bits)
+  below, above, resid = jnp.where(v <= lower, g, zero), jnp.where(v >= upper, g, zero), g * (t - r)
   levels = jnp.asarray(num_levels(bits), g.dtype)
-  g_r = _sum_to_shape(g * resid, jnp.shape(lower)) / levels
-  g_l = _sum_to_shape(jnp.where(v <= lower, g, zero), jnp.shape(lower)) + g_r
-  g_r = g_r if jnp.shape(upper) == jnp.shape(lower) else (
-      _sum_to_shape(g * resid, jnp.shape(upper)) / levels)
-  g_u = _sum_to_shape(jnp.where(v >= upper, g, zero), jnp.shape(upper)) - g_r
+  if jnp.shape(lower) == jnp.shape(upper) == ():
+    below, above, resid = _sums_per_row((below, above, resid))
+    g_l, g_u = below + resid / levels, above - resid / levels
+  else:  # bounds broadcast against v (not used by the model): sum back to each bound's shape
+    g_l = _sum_to_shape(below, jnp.shape(lower)) + _sum_to_shape(resid, jnp.shape(lower)) / levels
+    g_u = _sum_to_shape(above, jnp.shape(upper)) - _sum_to_shape(resid, jnp.shape(upper)) / levels
   return g_v.astype(v.dtype), g_l.astype(lower.dtype), g_u.astype(upper.dtype)
 
 
@@ -134,6 +154,4 @@ def quant_codes(v: jnp.ndarray, lower: jnp.ndarray, upper: jnp.ndarray, bits: in
   (up to the fused multiply-add) with the very same r: what the integer engine computes with.
   """
   v, lower, upper = _as_float(v, lower, upper, bits)
-  s = quant_step(lower, upper, bits)
-  v_c = jnp.minimum(jnp.maximum(v, lower), upper)
-  return jnp.round(_true_div(v_c - lower, s))
+  return _forward(v, lower, upper, bits)[2]
