@@ -15,10 +15,10 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from twodquant_jax import distributed, host_memory, pipeline, sweep
+from twodquant_jax import distributed, host_runtime, pipeline, sweep
 from twodquant_jax.io.download import DownloadError
 from twodquant_jax.io.torch_pickle import CheckpointError
-from twodquant_jax.settings import distributed_settings
+from twodquant_jax.settings import distributed_settings, host_settings
 from twodquant_jax.workdir import WorkdirError
 
 PACKAGE = "twodquant_jax"
@@ -100,7 +100,8 @@ def main(argv):
                      "configs/base.py)\n")
     sys.exit(1)
   setup_logging()
-  host_memory.apply(FLAGS.config.host_malloc)  # before the backend starts its threads
+  host = host_runtime.apply(host_settings(FLAGS.config))  # before the backend starts
+  logging.info("host: malloc keep %s, %d CPU device(s)", host["malloc_keep"], host["cpu_devices"])
   try:
     distributed.initialize(distributed_settings(FLAGS.config))
     job.run(FLAGS.config, FLAGS.workdir or None)

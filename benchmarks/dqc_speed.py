@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from twodquant_jax import host_memory
+from twodquant_jax import host_runtime
 from twodquant_jax.io import convert
 from twodquant_jax.paths import shared_dir
 from twodquant_jax.ptq import names as qnames
@@ -76,10 +76,15 @@ def main() -> None:
                   help="git revision whose step is timed alternately with this one (A/B)")
   ap.add_argument("--data_batches", type=int, default=2,
                   help="batches cut from ../shared/data/calib to time the host side (0: skip)")
-  ap.add_argument("--host_malloc", default="keep", choices=host_memory.POLICIES,
-                  help="host malloc policy, as config host_malloc (twodquant_jax/host_memory.py)")
+  ap.add_argument("--host_malloc", default="keep", choices=host_runtime.POLICIES,
+                  help="host malloc policy, as config host_malloc (twodquant_jax/host_runtime.py)")
+  ap.add_argument("--cpu_devices", default="auto",
+                  help="XLA CPU devices, as config cpu_devices ('auto': per usable core, "
+                       "dividing the batch)")
   args = ap.parse_args()
-  host_memory.apply(args.host_malloc)  # before the backend starts its threads
+  cpu_devices = (host_runtime.auto_cpu_devices(args.batch) if args.cpu_devices == "auto"
+                 else int(args.cpu_devices))
+  host_runtime.apply(host_runtime.HostSettings(args.host_malloc, cpu_devices))
 
   kw = dict(scale=args.scale, bits=args.bits, steps=max(args.steps, 1) + 1, loss=args.loss,
             remat=args.remat, microbatch=args.microbatch)

@@ -69,9 +69,18 @@ def fp_parity(shared: Path, smoke: bool) -> dict:
   for precision in ("highest", "default"):
     with jax.default_matmul_precision(precision):
       pred = Predictor(lambda x: model.apply({"params": params}, x), 4)
-      srs = pred.predict([ref[f"{n}_lr"] for n in names])
+      srs, first_s, again_s = [], {}, {}
+      for n in names:  # one image at a time: compile + run, then run again (the eval's cost)
+        t0 = time.perf_counter()
+        srs += pred.predict([ref[f"{n}_lr"]])
+        first_s[n] = round(time.perf_counter() - t0, 3)
+        t0 = time.perf_counter()
+        pred.predict([ref[f"{n}_lr"]])
+        again_s[n] = round(time.perf_counter() - t0, 3)
     errs = {n: float(np.abs(sr - ref[f"{n}_sr"]).max()) for n, sr in zip(names, srs)}
-    out[precision] = {"max_abs_diff": errs, "pass_1e-4": all(e <= 1e-4 for e in errs.values())}
+    out[precision] = {"max_abs_diff": errs, "pass_1e-4": all(e <= 1e-4 for e in errs.values()),
+                      "first_call_s": first_s, "second_call_s": again_s,
+                      "lr_shapes": {n: list(ref[f"{n}_lr"].shape) for n in names}}
   return out
 
 
@@ -208,8 +217,8 @@ def main(argv=None) -> int:
                   help="also write the JSON here, rewritten after every section (a run cut "
                        "short by a time limit keeps the finished sections)")
   args = ap.parse_args(argv)
-  from twodquant_jax import host_memory
-  host_memory.apply("keep")  # as main.py does, before the backend starts its threads
+  from twodquant_jax import host_runtime
+  host_runtime.apply_malloc("keep")  # as main.py does, before the backend starts its threads
   wanted = [s for s in args.only.split(",") if s]
   bad = [s for s in wanted if s not in SECTIONS]
   if bad:

@@ -69,6 +69,8 @@ def main():
                   help="print op time grouped by (category, the JAX op that produced it)")
   ap.add_argument("--top", type=int, default=40)
   args = ap.parse_args()
+  from twodquant_jax import host_runtime
+  host_runtime.apply_malloc("keep")  # as main.py does, before the backend starts its threads
   variants = {"new": None}
   if args.rev:
     variants["old"] = ab_package.load(args.rev)

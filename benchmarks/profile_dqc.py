@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dqc_speed  # noqa: E402  (a sibling script, not a package)
-from twodquant_jax import host_memory
+from twodquant_jax import host_runtime
 from twodquant_jax.ptq.dqc import step as dqc_step
 
 
@@ -91,9 +91,10 @@ def main() -> None:
   ap.add_argument("--top", type=int, default=30)
   ap.add_argument("--rev", default="", help="profile the package at this git revision instead")
   ap.add_argument("--out", default="", help="also write the JSON summary here")
-  ap.add_argument("--host_malloc", default="keep", choices=host_memory.POLICIES)
+  ap.add_argument("--host_malloc", default="keep", choices=host_runtime.POLICIES)
+  ap.add_argument("--cpu_devices", type=int, default=1, help="XLA CPU devices (config cpu_devices)")
   args = ap.parse_args()
-  host_memory.apply(args.host_malloc)  # before the backend starts its threads
+  host_runtime.apply(host_runtime.HostSettings(args.host_malloc, args.cpu_devices))
 
   step_mod = dqc_step
   if args.rev:

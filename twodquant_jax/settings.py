@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from twodquant_jax import host_memory
+from twodquant_jax import host_runtime
 from twodquant_jax.figure_inputs import FigureSettings
 from twodquant_jax.io import data_cache
 from twodquant_jax.io.download import mirror_url
@@ -177,6 +177,24 @@ def distributed_settings(config: ml_collections.ConfigDict) -> DistributedSettin
                              auto=bool(d.auto))
 
 
+def host_settings(config: ml_collections.ConfigDict) -> host_runtime.HostSettings:
+  """config.host_malloc and config.cpu_devices ('auto': as many CPU devices as the usable cores,
+  up to a divisor of dqc.batch_size, when this single-process run trains DQC; else 1)."""
+  devices = config.get("cpu_devices", "auto")
+  if devices == "auto":
+    trains = ("2dquant" in methods_of(config) and not config.model.bounds
+              and not config.model.packed)
+    single = not config.distributed.coordinator and not config.distributed.num_processes
+    devices = (host_runtime.auto_cpu_devices(int(config.dqc.batch_size))
+               if trains and single and int(config.dqc.batch_size) >= 1 else 1)
+  elif isinstance(devices, str):
+    try:
+      devices = int(devices)
+    except ValueError:
+      raise ValueError(f"config.cpu_devices must be 'auto' or a positive int, got {devices!r}")
+  return host_runtime.HostSettings(malloc=config.get("host_malloc", "keep"), cpu_devices=devices)
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError (one line, naming the field) for any bad setting, before any work."""
   if config.scale not in (2, 3, 4):
@@ -196,9 +214,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       calib_settings(config, m)
   if config.report.figures:
     figure_settings(config)
-  if config.get("host_malloc", "keep") not in host_memory.POLICIES:
-    raise ValueError(f"config.host_malloc must be one of {host_memory.POLICIES}, "
-                     f"got {config.host_malloc!r}")
+  host_settings(config)
   if config.eval.engine not in ENGINES:
     raise ValueError(f"config.eval.engine must be one of {ENGINES}, got {config.eval.engine!r}")
   if not isinstance(config.export.packed, bool):

@@ -59,6 +59,17 @@ def device_memory_bytes(device: jax.Device) -> int:
   return int(HEADROOM * avail)
 
 
+def mesh_device_bytes(mesh: Mesh) -> int:
+  """Bytes one device of the mesh may use: CPU devices of this process share the host's RAM
+  (config cpu_devices > 1), so each gets its share."""
+  dev = mesh.devices.flat[0]
+  total = device_memory_bytes(dev)
+  if dev.platform == "cpu":
+    local = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
+    total //= max(1, local)
+  return total
+
+
 def compiled_bytes(compiled: Any) -> int:
   """temp + argument + output bytes of a compiled executable (XLA memory analysis, per device)."""
   m = compiled.memory_analysis()
@@ -135,7 +146,7 @@ def train_step_fn(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh, p
   """
   if settings.microbatch != AUTO_MICROBATCH:
     return jit_train_step(settings, mesh), settings, {"microbatch": settings.microbatch}
-  limit = int(limit_bytes) if limit_bytes else device_memory_bytes(mesh.devices.flat[0])
+  limit = int(limit_bytes) if limit_bytes else mesh_device_bytes(mesh)
   repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
   abstract = lambda tree, sh: jax.tree_util.tree_map(
       lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a), sharding=sh), tree)

@@ -1,4 +1,4 @@
-"""host_malloc=keep: freed large blocks are reused instead of being unmapped and faulted back in.
+"""Host settings. host_malloc=keep: freed large blocks are reused instead of being unmapped and faulted back in.
 
 Each case runs in a fresh interpreter (the policy must be set before other threads allocate, and
 is process-wide). It allocates (malloc, as XLA:CPU does) and touches a 256 MB buffer, frees it, then allocates and touches
@@ -12,12 +12,12 @@ import sys
 
 import pytest
 
-from twodquant_jax import host_memory
+from twodquant_jax import host_runtime
 
 PROBE = r"""
 import ctypes, json, resource, sys
-from twodquant_jax import host_memory
-applied = host_memory.apply(sys.argv[1])
+from twodquant_jax import host_runtime
+applied = host_runtime.apply_malloc(sys.argv[1])
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
 libc.free.argtypes = (ctypes.c_void_p,)
@@ -48,4 +48,17 @@ def test_keep_reuses_freed_memory():
 
 def test_unknown_policy_is_refused():
   with pytest.raises(ValueError, match="host_malloc"):
-    host_memory.apply("tcmalloc")
+    host_runtime.apply_malloc("tcmalloc")
+  with pytest.raises(ValueError, match="host_malloc"):
+    host_runtime.HostSettings(malloc="tcmalloc")
+  with pytest.raises(ValueError, match="cpu_devices"):
+    host_runtime.HostSettings(cpu_devices=0)
+
+
+def test_auto_cpu_devices_divides_the_batch():
+  assert host_runtime.auto_cpu_devices(4, cores=2) == 2
+  assert host_runtime.auto_cpu_devices(32, cores=2) == 2
+  assert host_runtime.auto_cpu_devices(3, cores=2) == 1  # 2 does not divide 3
+  assert host_runtime.auto_cpu_devices(6, cores=4) == 3
+  assert host_runtime.auto_cpu_devices(32, cores=64) == host_runtime.MAX_AUTO_CPU_DEVICES
+  assert host_runtime.auto_cpu_devices(1, cores=16) == 1
