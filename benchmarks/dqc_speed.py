@@ -137,6 +137,7 @@ def main() -> None:
       "compile_s": round(compile_s, 2), "first_step_s": round(warmup_s, 3),
       "steps_per_s": round(args.steps / run_s, 4), "s_per_step": round(run_s / args.steps, 4),
       "median_s_per_step": round(statistics.median(new["times"]), 4),
+      "step_times_s": [round(t, 3) for t in new["times"]],
       "loss_finite": bool(m["finite"]),
   }
   if "old" in runs:
