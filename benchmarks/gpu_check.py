@@ -202,6 +202,19 @@ def pipeline(shared: Path, smoke: bool, workdir: Path, dqc_steps: int = 3000) ->
           "dqc_final_loss": dqc.get("final_loss")}
 
 
+def planned_steps(prev: dict, budget_s: float) -> tuple[int, dict]:
+  """DQC steps for the pipeline section so that it ends within `budget_s`, estimated from an
+  earlier run's JSON of the other sections on the same machine (the data of all sections does
+  not fit one transfer to a lent GPU machine, so they may run as two calls)."""
+  first = prev["fp_parity"]["highest"]["first_call_s"]
+  compile_s = sum(first.values()) / len(first)  # one FP eval shape: compile + run
+  est = {"eval_s": 24 * 1.5 * compile_s,  # ~20 distinct batch shapes in Set5/14/B100 at x4
+         "dobi_s": 8.0 * prev["dobi"]["device_seconds"],  # 32 patches instead of 4
+         "dqc_compile_s": prev["dqc_speed"]["compile_and_first_step_s"], "fixed_s": 30.0}
+  steps = int((budget_s - sum(est.values())) / prev["dqc_speed"]["s_per_step"])
+  return max(100, min(3000, steps)), {k: round(v, 1) for k, v in est.items()}
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--smoke", action="store_true", help="CPU-sized run (CI)")
@@ -213,6 +226,10 @@ def main(argv=None) -> int:
   ap.add_argument("--pipeline_dqc_steps", type=int, default=3000,
                   help="DQC steps of the pipeline section (the paper's 3000; fewer only to fit "
                        "a time limit, and the JSON says how many ran)")
+  ap.add_argument("--plan_from", default="",
+                  help="with --budget_s: a JSON of this script's other sections from the same "
+                       "machine, to size the pipeline's DQC steps (see planned_steps)")
+  ap.add_argument("--budget_s", type=float, default=0.0)
   ap.add_argument("--json_out", default="",
                   help="also write the JSON here, rewritten after every section (a run cut "
                        "short by a time limit keeps the finished sections)")
@@ -224,9 +241,16 @@ def main(argv=None) -> int:
   if bad:
     ap.error(f"unknown sections {bad}; choose from {SECTIONS}")
   t_start = time.perf_counter()
+  plan = None
+  if args.plan_from and args.budget_s > 0:
+    steps, est = planned_steps(json.loads(Path(args.plan_from).read_text()), args.budget_s)
+    args.pipeline_dqc_steps = min(args.pipeline_dqc_steps, steps)
+    plan = {"budget_s": args.budget_s, "estimates": est, "dqc_steps": args.pipeline_dqc_steps}
   out = {"smoke": args.smoke, "backend": jax.default_backend(),
          "device": str(jax.devices()[0].device_kind), "num_devices": jax.device_count(),
          "jax": jax.__version__}
+  if plan:
+    out["plan"] = plan
   shared = find_shared(args.shared)
   from twodquant_jax import compile_cache
   compile_cache.enable(args.compile_cache)

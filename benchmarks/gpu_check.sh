@@ -18,4 +18,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-exec python benchmarks/gpu_check.py "$@"
+exec "$(command -v python || command -v python3)" benchmarks/gpu_check.py "$@"
