@@ -94,6 +94,20 @@ def stitch(outs: Sequence[np.ndarray], boxes: Sequence[tuple[int, int]], hw: tup
   return (out / weight).astype(np.float32)
 
 
+# On a GPU each distinct padded image size compiles the whole network, ~25 s on an H200 at
+# matmul_precision 'highest', and half of that is XLA's GEMM autotuning. An evaluation runs each
+# compiled size a handful of times, so autotuned kernels never pay back their search: without it
+# 25.4 -> 12.7 s per size, 0.004 -> 0.005 s per call (benchmarks/gpu_check.sh, README). Training
+# steps (compiled once, run thousands of times) keep the autotuning.
+EVAL_GPU_COMPILER_OPTIONS = {"xla_gpu_autotune_level": 0}
+
+
+def eval_jit(fn: Callable) -> Callable:
+  """jax.jit for evaluation calls: no GEMM autotuning on a GPU (see above); plain jit elsewhere."""
+  gpu = jax.default_backend() in ("gpu", "cuda", "rocm")
+  return jax.jit(fn, compiler_options=EVAL_GPU_COMPILER_OPTIONS if gpu else None)
+
+
 @functools.lru_cache(maxsize=None)
 def jitted_apply(scale: int, mode: str = "fp", bits: int = 4, arch: tuple = ()) -> Callable:
   """One jitted `(variables, x) -> SR` per model kind, shared by every Predictor of that kind.
@@ -102,7 +116,7 @@ def jitted_apply(scale: int, mode: str = "fp", bits: int = 4, arch: tuple = ()) 
   Percentile, DOBI, 2DQuant) reuse one compilation per image size.
   """
   model = SwinIR(upscale=scale, mode=mode, bits=bits, **dict(arch))
-  return jax.jit(lambda variables, x: model.apply(variables, x))
+  return eval_jit(lambda variables, x: model.apply(variables, x))
 
 
 # LR pixels per jitted call by default: one 256x256 LR image (a Manga109 page at x4, 296x208
@@ -148,7 +162,7 @@ class Predictor:
       raise ValueError(f"eval.batch_size and eval.batch_pixels must be positive, got "
                        f"{self.batch_size} and {self.batch_pixels}")
     if self.variables is None:
-      self._call = jax.jit(self.apply_fn)
+      self._call = eval_jit(self.apply_fn)
     else:
       self._call = functools.partial(self.apply_fn, self.variables)
     self.compiled_shapes: set[tuple[int, ...]] = set()
