@@ -17,6 +17,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
+from twodquant_jax import host_runtime
 from twodquant_jax.io import convert
 from twodquant_jax.nn.swinir import variable_shapes
 from twodquant_jax.paths import shared_dir
@@ -42,6 +43,7 @@ def parity(ours: dict, ref: dict) -> tuple[float, int]:
 
 
 def main(_):
+  host_runtime.apply_malloc("keep")  # as main.py, before the backend starts
   ref_dir = shared_dir() / "reference"
   params, _ = convert.load_checkpoint(ref_dir / "swinir_light_x4_random.pth", 4,
                                       variable_shapes(4)["params"])

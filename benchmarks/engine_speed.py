@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from twodquant_jax import host_runtime
+
 from twodquant_jax.eval.predict import jitted_apply
 from twodquant_jax.io import bounds_file, convert
 from twodquant_jax.nn.swinir import SwinIR, variable_shapes
@@ -56,6 +58,7 @@ def main() -> None:
   ap.add_argument("--bounds", default="", help="bounds file (default: MinMax on the input)")
   ap.add_argument("--out", default="", help="write the results as JSON here")
   args = ap.parse_args()
+  host_runtime.apply_malloc("keep")  # as main.py, before the backend starts
 
   ckpt = Path(args.checkpoint) if args.checkpoint else (
       shared_dir() / "reference" / f"swinir_light_x{args.scale}_random.pth")

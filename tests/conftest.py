@@ -5,7 +5,11 @@ from pathlib import Path
 
 import pytest
 
+from twodquant_jax import host_runtime
 from twodquant_jax.paths import shared_dir
+
+# As main.py: reuse freed host memory (XLA:CPU's per-call buffers), before any backend starts.
+host_runtime.apply_malloc("keep")
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -94,11 +94,11 @@ def stitch(outs: Sequence[np.ndarray], boxes: Sequence[tuple[int, int]], hw: tup
   return (out / weight).astype(np.float32)
 
 
-# On a GPU each distinct padded image size compiles the whole network, ~25 s on an H200 at
-# matmul_precision 'highest', and half of that is XLA's GEMM autotuning. An evaluation runs each
-# compiled size a handful of times, so autotuned kernels never pay back their search: without it
-# 25.4 -> 12.7 s per size, 0.004 -> 0.005 s per call (benchmarks/gpu_check.sh, README). Training
-# steps (compiled once, run thousands of times) keep the autotuning.
+# On a GPU each distinct padded image size compiles the whole network: 25-27 s on an H200 at
+# matmul_precision 'highest', most of it XLA's GEMM autotuning. An evaluation runs each compiled
+# size a handful of times, so autotuned kernels never pay back their search: without it 9-10 s
+# per size, 0.004-0.007 s per call instead of 0.003-0.004 s (gpu_check fp_parity on an H200,
+# docs/measured/gpu/). Training steps (compiled once, run thousands of times) keep it.
 EVAL_GPU_COMPILER_OPTIONS = {"xla_gpu_autotune_level": 0}
 
 
