@@ -1,11 +1,12 @@
 """Host process settings that must be made before the JAX backend starts (main.py applies them).
 
 1. `malloc` ('keep' | 'system'): keep freed memory in the process instead of handing it back to
-the kernel. Why: XLA:CPU allocates each execution's temporary buffer with malloc and frees it afterwards
-(7.5 GB for a batch-4 x4 DQC step). glibc serves blocks that large with a fresh `mmap` (from any
-thread's own arena, whatever `M_MMAP_THRESHOLD` says) and `munmap`s them on free, so every step
-page-faults and zero-fills the whole buffer again: 1.8 M page faults and ~3.4 s of kernel time
-per step on a 2-core machine, a third of the step's CPU time (docs/measured/issue11_figures.md).
+the kernel. Why: XLA:CPU allocates each execution's temporary buffer with malloc and frees it
+afterwards (7.5 GB for a batch-4 x4 DQC step). glibc serves blocks that large with a fresh
+`mmap` (from any thread's own arena, whatever `M_MMAP_THRESHOLD` says) and `munmap`s them on
+free, so every step page-faults and zero-fills the whole buffer again: 1.8 M page faults and
+~3.4 s of kernel time per step on a 2-core machine, a third of the step's CPU time
+(docs/measured/issue11_figures.md).
 
 `keep_freed_memory()` sets three documented glibc `mallopt` parameters: one arena (threads share
 the main heap, so large blocks come from `brk` there), no `mmap` for large blocks, no trimming.
@@ -26,11 +27,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import dataclasses
-import logging
 import os
 import sys
 
 import jax
+from absl import logging
 
 POLICIES = ("keep", "system")
 MAX_AUTO_CPU_DEVICES = 8  # measured: 2 on a 2-core machine; more cores are an untested guess
