@@ -35,3 +35,19 @@ def test_gpu_check_smoke(shared, tmp_path):
   assert all(d["psnr"] > 10 for d in pipe["datasets"].values()), pipe["datasets"]
   for section in ("fp_parity", "dobi", "dqc_speed", "pipeline"):
     assert out[section]["wall_s"] >= 0
+
+
+def test_planned_steps_fit_the_budget():
+  """--plan_from/--budget_s: the pipeline's DQC steps are what is left of the budget after the
+  estimated compiles, DOBI and evaluation, divided by the measured step time (100..3000)."""
+  import sys
+  sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+  import gpu_check  # pylint: disable=import-outside-toplevel
+  prev = {"fp_parity": {"highest": {"first_call_s": {"a": 4.0, "b": 6.0}}},
+          "dobi": {"device_seconds": 5.0}, "dqc_speed": {"compile_and_first_step_s": 50.0,
+                                                        "s_per_step": 0.1}}
+  steps, est = gpu_check.planned_steps(prev, 400.0)
+  assert est == {"eval_s": 180.0, "dobi_s": 40.0, "dqc_compile_s": 50.0, "fixed_s": 30.0}
+  assert steps == int((400 - 300) / 0.1)
+  assert gpu_check.planned_steps(prev, 10_000.0)[0] == 3000  # never more than the paper's
+  assert gpu_check.planned_steps(prev, 100.0)[0] == 100  # never fewer than 100

@@ -112,3 +112,30 @@ def test_compile_cache_config_default_and_off(tmp_path):
   from twodquant_jax import compile_cache  # pylint: disable=g-import-not-at-top
   assert get_config().compile_cache == compile_cache.DEFAULT
   assert compile_cache.enable("") is None
+
+
+def test_cpu_devices_of_one_host_share_its_memory(monkeypatch):
+  """With config cpu_devices > 1 every CPU device of this process gets its share of the RAM
+  (they are one host); the auto microbatch compares each device's compiled step with that."""
+  from types import SimpleNamespace
+  monkeypatch.setattr(dqc_memory, "device_memory_bytes", lambda dev: 12_000)
+  dev = jax.devices("cpu")[0]
+  one = SimpleNamespace(devices=np.array([dev], dtype=object))
+  two = SimpleNamespace(devices=np.array([dev, dev], dtype=object))
+  assert dqc_memory.mesh_device_bytes(one) == 12_000
+  assert dqc_memory.mesh_device_bytes(two) == 6_000
+
+
+def test_cpu_devices_setting_resolves():
+  from configs.base import get_config
+  c = get_config(scale=4, bits=2)
+  c.dqc.batch_size = 32
+  assert run_settings.host_settings(c).cpu_devices == min(
+      8, max(d for d in range(1, min(len(os.sched_getaffinity(0)), 8) + 1) if 32 % d == 0))
+  c.method = "dobi"  # no DQC: nothing to split
+  assert run_settings.host_settings(c).cpu_devices == 1
+  c.method, c.cpu_devices = "2dquant", "3"  # as --config.cpu_devices=3 gives it (a string)
+  assert run_settings.host_settings(c).cpu_devices == 3
+  c.cpu_devices = "zero"
+  with pytest.raises(ValueError, match="cpu_devices"):
+    run_settings.host_settings(c)
