@@ -203,3 +203,19 @@ def test_shapes_dtype_and_bad_bits():
   for bad in (0, 4.0, True, 17):
     with pytest.raises(ValueError):
       fake_quant(x, -1.0, 1.0, bad)
+
+
+@pytest.mark.parametrize("rows", [512, 24])  # 512: chunked weight gradient; 24: one dot
+def test_linear_gradients_match_the_plain_matmul(rows):
+  """nn.layers.linear sums its kernel gradient over row chunks; both gradients must equal those
+  of x @ kernel (up to float32 summation order)."""
+  from twodquant_jax.nn.layers import linear
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((2, rows // 2, 12)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((12, 7)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((2, rows // 2, 7)), jnp.float32)
+  f = lambda fn: jax.grad(lambda x, k: jnp.sum(jnp.tanh(fn(x, k)) * w), argnums=(0, 1))(x, k)
+  (dx, dk), (dx0, dk0) = f(linear), f(lambda a, b: a @ b)
+  np.testing.assert_allclose(np.asarray(linear(x, k)), np.asarray(x @ k), rtol=0, atol=0)
+  np.testing.assert_allclose(np.asarray(dx), np.asarray(dx0), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(dk), np.asarray(dk0), rtol=1e-5, atol=1e-5)

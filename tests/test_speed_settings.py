@@ -130,8 +130,11 @@ def test_cpu_devices_setting_resolves():
   from configs.base import get_config
   c = get_config(scale=4, bits=2)
   c.dqc.batch_size = 32
-  assert run_settings.host_settings(c).cpu_devices == min(
-      8, max(d for d in range(1, min(len(os.sched_getaffinity(0)), 8) + 1) if 32 % d == 0))
+  from twodquant_jax import host_runtime
+  assert run_settings.host_settings(c).cpu_devices == host_runtime.auto_cpu_devices(32)
+  c.model.bounds = "given.json"  # bounds given: no DQC, nothing to split
+  assert run_settings.host_settings(c).cpu_devices == 1
+  c.model.bounds = ""
   c.method = "dobi"  # no DQC: nothing to split
   assert run_settings.host_settings(c).cpu_devices == 1
   c.method, c.cpu_devices = "2dquant", "3"  # as --config.cpu_devices=3 gives it (a string)

@@ -177,13 +177,17 @@ def distributed_settings(config: ml_collections.ConfigDict) -> DistributedSettin
                              auto=bool(d.auto))
 
 
+def trains_dqc(config: ml_collections.ConfigDict, methods: tuple[str, ...]) -> bool:
+  """Whether this run trains DQC: 2DQuant is among the methods and its bounds are not given."""
+  return "2dquant" in methods and not config.model.bounds and not config.model.packed
+
+
 def host_settings(config: ml_collections.ConfigDict) -> host_runtime.HostSettings:
   """config.host_malloc and config.cpu_devices ('auto': as many CPU devices as the usable cores,
   up to a divisor of dqc.batch_size, when this single-process run trains DQC; else 1)."""
   devices = config.get("cpu_devices", "auto")
   if devices == "auto":
-    trains = ("2dquant" in methods_of(config) and not config.model.bounds
-              and not config.model.packed)
+    trains = trains_dqc(config, methods_of(config))
     single = not config.distributed.coordinator and not config.distributed.num_processes
     devices = (host_runtime.auto_cpu_devices(int(config.dqc.batch_size))
                if trains and single and int(config.dqc.batch_size) >= 1 else 1)
@@ -191,7 +195,8 @@ def host_settings(config: ml_collections.ConfigDict) -> host_runtime.HostSetting
     try:
       devices = int(devices)
     except ValueError:
-      raise ValueError(f"config.cpu_devices must be 'auto' or a positive int, got {devices!r}")
+      raise ValueError(f"config.cpu_devices must be 'auto' or a positive int, got {devices!r}"
+                       ) from None
   return host_runtime.HostSettings(malloc=config.get("host_malloc", "keep"), cpu_devices=devices)
 
 
@@ -229,7 +234,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
                        f"got {config.method!r}")
     if not Path(config.model.packed).is_file():
       raise ValueError(f"config.model.packed: file not found: {config.model.packed}")
-  if "2dquant" in methods and not config.model.bounds and not config.model.packed:
+  if trains_dqc(config, methods):
     dqc_settings(config)
     loop_settings(config)
   data_settings(config)
