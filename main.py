@@ -100,9 +100,9 @@ def main(argv):
                      "configs/base.py)\n")
     sys.exit(1)
   setup_logging()
-  host = host_runtime.apply(host_settings(FLAGS.config))  # before the backend starts
-  logging.info("host: malloc keep %s, %d CPU device(s)", host["malloc_keep"], host["cpu_devices"])
   try:
+    host = host_runtime.apply(host_settings(FLAGS.config))  # before the backend; may re-exec
+    logging.info("host: malloc %s, %d CPU device(s)", host["malloc"], host["cpu_devices"])
     distributed.initialize(distributed_settings(FLAGS.config))
     job.run(FLAGS.config, FLAGS.workdir or None)
   except (ValueError, OSError, WorkdirError, DownloadError) as e:  # the project's own errors

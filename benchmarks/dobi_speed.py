@@ -43,7 +43,7 @@ def parity(ours: dict, ref: dict) -> tuple[float, int]:
 
 
 def main(_):
-  host_runtime.apply_malloc("keep")  # as main.py, before the backend starts
+  host_runtime.apply(host_runtime.HostSettings())  # as main.py: the default allocator, first thing
   ref_dir = shared_dir() / "reference"
   params, _ = convert.load_checkpoint(ref_dir / "swinir_light_x4_random.pth", 4,
                                       variable_shapes(4)["params"])

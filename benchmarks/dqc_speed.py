@@ -76,7 +76,7 @@ def main() -> None:
                   help="git revision whose step is timed alternately with this one (A/B)")
   ap.add_argument("--data_batches", type=int, default=2,
                   help="batches cut from ../shared/data/calib to time the host side (0: skip)")
-  ap.add_argument("--host_malloc", default="keep", choices=host_runtime.POLICIES,
+  ap.add_argument("--host_malloc", default="auto", choices=host_runtime.POLICIES,
                   help="host malloc policy, as config host_malloc (twodquant_jax/host_runtime.py)")
   ap.add_argument("--cpu_devices", default="auto",
                   help="XLA CPU devices, as config cpu_devices ('auto': per usable core, "
@@ -84,7 +84,7 @@ def main() -> None:
   args = ap.parse_args()
   cpu_devices = (host_runtime.auto_cpu_devices(args.batch) if args.cpu_devices == "auto"
                  else int(args.cpu_devices))
-  host_runtime.apply(host_runtime.HostSettings(args.host_malloc, cpu_devices))
+  host = host_runtime.apply(host_runtime.HostSettings(args.host_malloc, cpu_devices))
 
   kw = dict(scale=args.scale, bits=args.bits, steps=max(args.steps, 1) + 1, loss=args.loss,
             remat=args.remat, microbatch=args.microbatch)
@@ -133,7 +133,7 @@ def main() -> None:
       "device": str(jax.devices()[0].device_kind), "num_devices": mesh.devices.size,
       "backend": jax.default_backend(), "batch": args.batch, "lr_size": args.lr_size,
       "scale": args.scale, "bits": args.bits, "loss": args.loss, "steps": args.steps,
-      "microbatch": args.microbatch,
+      "microbatch": args.microbatch, "host_malloc": host["malloc"],
       "compile_s": round(compile_s, 2), "first_step_s": round(warmup_s, 3),
       "steps_per_s": round(args.steps / run_s, 4), "s_per_step": round(run_s / args.steps, 4),
       "median_s_per_step": round(statistics.median(new["times"]), 4),

@@ -58,7 +58,7 @@ def main() -> None:
   ap.add_argument("--bounds", default="", help="bounds file (default: MinMax on the input)")
   ap.add_argument("--out", default="", help="write the results as JSON here")
   args = ap.parse_args()
-  host_runtime.apply_malloc("keep")  # as main.py, before the backend starts
+  host_runtime.apply(host_runtime.HostSettings())  # as main.py: the default allocator, first thing
 
   ckpt = Path(args.checkpoint) if args.checkpoint else (
       shared_dir() / "reference" / f"swinir_light_x{args.scale}_random.pth")

@@ -246,7 +246,7 @@ def main(argv=None) -> int:
                        "short by a time limit keeps the finished sections)")
   args = ap.parse_args(argv)
   from twodquant_jax import host_runtime
-  host_runtime.apply_malloc("keep")  # as main.py does, before the backend starts its threads
+  host_runtime.apply(host_runtime.HostSettings())  # as main.py: the default allocator, first thing
   wanted = [s for s in args.only.split(",") if s]
   bad = [s for s in wanted if s not in SECTIONS]
   if bad:

@@ -70,7 +70,7 @@ def main():
   ap.add_argument("--top", type=int, default=40)
   args = ap.parse_args()
   from twodquant_jax import host_runtime
-  host_runtime.apply_malloc("keep")  # as main.py does, before the backend starts its threads
+  host_runtime.apply(host_runtime.HostSettings())  # as main.py: the default allocator, first thing
   variants = {"new": None}
   if args.rev:
     variants["old"] = ab_package.load(args.rev)

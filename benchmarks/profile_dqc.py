@@ -91,7 +91,7 @@ def main() -> None:
   ap.add_argument("--top", type=int, default=30)
   ap.add_argument("--rev", default="", help="profile the package at this git revision instead")
   ap.add_argument("--out", default="", help="also write the JSON summary here")
-  ap.add_argument("--host_malloc", default="keep", choices=host_runtime.POLICIES)
+  ap.add_argument("--host_malloc", default="auto", choices=host_runtime.POLICIES)
   ap.add_argument("--cpu_devices", type=int, default=1, help="XLA CPU devices (config cpu_devices)")
   args = ap.parse_args()
   host_runtime.apply(host_runtime.HostSettings(args.host_malloc, args.cpu_devices))

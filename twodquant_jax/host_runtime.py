@@ -1,25 +1,31 @@
 """Host process settings that must be made before the JAX backend starts (main.py applies them).
 
-1. `malloc` ('keep' | 'system'): keep freed memory in the process instead of handing it back to
-the kernel. Why: XLA:CPU allocates each execution's temporary buffer with malloc and frees it
-afterwards (7.5 GB for a batch-4 x4 DQC step). glibc serves blocks that large with a fresh
-`mmap` (from any thread's own arena, whatever `M_MMAP_THRESHOLD` says) and `munmap`s them on
-free, so every step page-faults and zero-fills the whole buffer again: 1.8 M page faults and
-~3.4 s of kernel time per step on a 2-core machine, a third of the step's CPU time
+1. `malloc` ('auto' | 'tcmalloc' | 'keep' | 'system'): the allocator XLA:CPU's host buffers come
+from. XLA:CPU allocates each execution's temporary buffer with malloc and frees it afterwards
+(7.5 GB for a batch-4 x4 DQC step), plus ~2.4 M small and medium blocks a step from its worker
+threads. Under glibc's defaults the large block is a fresh `mmap` every step, page-faulted and
+zero-filled again: a third of the step's CPU time on a 2-core machine
 (docs/measured/issue11_figures.md).
 
-`keep_freed_memory()` sets three documented glibc `mallopt` parameters: one arena (threads share
-the main heap, so large blocks come from `brk` there), no `mmap` for large blocks, no trimming.
-Freed buffers are then reused by the next step. The resident size stays at its peak (the step's
-own working set), which is why this is a setting (`host_malloc`: 'keep' | 'system').
+- 'tcmalloc': the process re-executes itself once with gperftools' tcmalloc in `LD_PRELOAD`
+  (`preload_allocator`; the library must be installed, e.g. `apt-get install
+  libtcmalloc-minimal4`, or named by $TWODQUANT_TCMALLOC). Its per-thread caches serve the
+  worker threads' blocks without glibc's arena lock and it reuses the large buffer: 2.9 -> 2.5 s
+  a batch-4 DQC step here, and about half the resident memory of 'keep'. An allocator can only
+  be swapped before the process starts, hence the re-exec (Colab already preloads tcmalloc).
+- 'keep': glibc stays, with three documented `mallopt` parameters: one arena (threads share the
+  main heap, so large blocks come from `brk` there), no `mmap` for large blocks, no trimming.
+  Freed buffers are reused by the next step; the resident size stays at its peak.
+- 'auto' (the default): tcmalloc when it is installed, else 'keep'. 'system': glibc as it is.
 
 2. `cpu_devices`: how many XLA devices the CPU backend shows. A data-parallel DQC step split over
 two CPU devices of a 2-core machine runs its two halves concurrently and keeps both cores busy
 (one device leaves ~17 % of the CPU time idle between its mostly sequential ops): 3.5 -> 2.96 s
 per batch-4 step here; four devices were slower (3.35 s). `auto_cpu_devices` picks it.
 
-Both only take effect before the backend starts (the allocator's arenas are per thread, the
-device count is read when the CPU client is made): call `apply` first thing.
+All of this only takes effect before the backend starts (the allocator's arenas are per thread,
+the device count is read when the CPU client is made): call `preload_allocator` and `apply` first
+thing.
 """
 
 from __future__ import annotations
@@ -29,11 +35,18 @@ import ctypes.util
 import dataclasses
 import os
 import sys
+from pathlib import Path
+from typing import Mapping
 
 import jax
 from absl import logging
 
-POLICIES = ("keep", "system")
+POLICIES = ("auto", "tcmalloc", "keep", "system")
+TCMALLOC_ENV = "TWODQUANT_TCMALLOC"  # a user's libtcmalloc path (otherwise it is searched for)
+PRELOADED_ENV = "TWODQUANT_PRELOADED"  # set on the re-executed process: what it preloaded
+_TCMALLOC_NAMES = ("tcmalloc_minimal", "tcmalloc")
+_LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
+             "/usr/local/lib")
 MAX_AUTO_CPU_DEVICES = 8  # measured: 2 on a 2-core machine; more cores are an untested guess
 
 # glibc <malloc.h> parameter numbers (stable ABI).
@@ -59,12 +72,100 @@ def keep_freed_memory() -> bool:
   return ok
 
 
-def apply_malloc(policy: str) -> bool:
-  """Applies a malloc policy ('keep', or 'system' which changes nothing); returns whether the
-  'keep' policy took effect."""
+def loaded_tcmalloc(maps: str | None = None) -> str | None:
+  """Path of the tcmalloc mapped into this process (from /proc/self/maps), or None. The library
+  this process was re-executed with (`$TWODQUANT_PRELOADED`) counts whatever its name."""
+  if maps is None:
+    try:
+      maps = Path("/proc/self/maps").read_text()
+    except OSError:  # not Linux
+      return None
+  preloaded = os.environ.get(PRELOADED_ENV, "")
+  preloaded = os.path.realpath(preloaded) if preloaded else ""
+  for line in maps.splitlines():
+    fields = line.split(None, 5)
+    path = fields[5] if len(fields) == 6 else ""
+    if path.startswith("/") and ("tcmalloc" in Path(path).name or path == preloaded):
+      return path
+  return None
+
+
+def find_tcmalloc(env: Mapping[str, str] | None = None) -> str | None:
+  """An installed tcmalloc shared library: $TWODQUANT_TCMALLOC, else the usual system places."""
+  env = os.environ if env is None else env
+  if env.get(TCMALLOC_ENV):
+    path = Path(env[TCMALLOC_ENV]).expanduser()
+    if not path.is_file():
+      raise FileNotFoundError(f"${TCMALLOC_ENV} names {path}, which is not a file")
+    return str(path.resolve())
+  if not sys.platform.startswith("linux"):
+    return None
+  for name in _TCMALLOC_NAMES:
+    for folder in _LIB_DIRS:
+      for candidate in sorted(Path(folder).glob(f"lib{name}.so*")):
+        if candidate.is_file() and "debug" not in candidate.name:
+          return str(candidate.resolve())
+  return None
+
+
+def preload_target(policy: str, env: Mapping[str, str], loaded: str | None,
+                   found: str | None) -> str | None:
+  """The library this process should re-execute itself with, or None to go on as it is.
+
+  Pure decision (tested): `loaded` is the tcmalloc already in the process, `found` an installed
+  one. Raises ValueError for 'tcmalloc' when none can be had; a re-executed process whose
+  preload did not take (env names it, yet it is not loaded) never re-executes again.
+  """
+  if policy not in POLICIES:
+    raise ValueError(f"config.host_malloc must be one of {POLICIES}, got {policy!r}")
+  if policy not in ("auto", "tcmalloc") or loaded:
+    return None
+  if env.get(PRELOADED_ENV):
+    if policy == "tcmalloc":
+      raise ValueError(f"host_malloc=tcmalloc: {env[PRELOADED_ENV]} was preloaded but is not "
+                       "in the process (not a tcmalloc library?)")
+    return None
+  if found is None and policy == "tcmalloc":
+    raise ValueError("host_malloc=tcmalloc: no libtcmalloc found; install it (e.g. apt-get "
+                     f"install libtcmalloc-minimal4), set ${TCMALLOC_ENV}, or use "
+                     "host_malloc=auto")
+  return found
+
+
+def preload_allocator(policy: str) -> None:
+  """For 'auto'/'tcmalloc': re-executes this very command with tcmalloc in LD_PRELOAD when it is
+  installed and not yet loaded (does not return then). Call before any real work."""
+  loaded = loaded_tcmalloc()
+  target = preload_target(policy, os.environ, loaded, None if loaded else find_tcmalloc())
+  if target is None:
+    if policy == "auto" and os.environ.get(PRELOADED_ENV) and not loaded:
+      logging.warning("host_malloc=auto: preloading %s did not take; using glibc (keep)",
+                      os.environ[PRELOADED_ENV])
+    return
+  env = dict(os.environ)
+  env["LD_PRELOAD"] = ":".join(p for p in (target, env.get("LD_PRELOAD", "")) if p)
+  env[PRELOADED_ENV] = target
+  # tcmalloc reports every block over 1 GB on stderr; XLA:CPU's step buffer is one such block.
+  env.setdefault("TCMALLOC_LARGE_ALLOC_REPORT_THRESHOLD", str(1 << 50))
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
+def apply_malloc(policy: str) -> str:
+  """Applies a malloc policy in this process; returns the allocator now in use: 'tcmalloc' (it is
+  loaded), 'keep' (glibc tuned) or 'system'. 'auto' without tcmalloc means 'keep'; 'tcmalloc'
+  without it loaded is an error (`preload_allocator` has to run first)."""
   if policy not in POLICIES:
     raise ValueError(f"host_malloc must be one of {POLICIES}, got {policy!r}")
-  return keep_freed_memory() if policy == "keep" else False
+  if policy in ("auto", "tcmalloc") and loaded_tcmalloc():
+    return "tcmalloc"
+  if policy == "tcmalloc":
+    raise ValueError("host_malloc=tcmalloc: tcmalloc is not loaded in this process "
+                     "(host_runtime.preload_allocator re-executes with it)")
+  if policy in ("auto", "keep") and keep_freed_memory():
+    return "keep"
+  return "system"
 
 
 def usable_cores() -> int:
@@ -85,7 +186,7 @@ def auto_cpu_devices(batch_size: int, cores: int | None = None) -> int:
 @dataclasses.dataclass(frozen=True)
 class HostSettings:
   """config.host_malloc and the resolved config.cpu_devices (settings.host_settings)."""
-  malloc: str = "keep"
+  malloc: str = "auto"
   cpu_devices: int = 1
 
   def __post_init__(self):
@@ -98,8 +199,10 @@ class HostSettings:
 
 
 def apply(settings: HostSettings) -> dict:
-  """Applies both settings; returns what took effect. Call before anything touches a device."""
-  kept = apply_malloc(settings.malloc)
+  """Applies both settings; returns what took effect. Call before anything touches a device:
+  with malloc 'auto' or 'tcmalloc' it may re-execute the process first (`preload_allocator`)."""
+  preload_allocator(settings.malloc)
+  malloc = apply_malloc(settings.malloc)
   if settings.cpu_devices > 1:
     jax.config.update("jax_num_cpu_devices", settings.cpu_devices)
-  return {"malloc_keep": kept, "cpu_devices": settings.cpu_devices}
+  return {"malloc": malloc, "cpu_devices": settings.cpu_devices}

@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 
 from twodquant_jax import distributed, figure_inputs
-from twodquant_jax import compile_cache
+from twodquant_jax import compile_cache, host_runtime
 from twodquant_jax import settings as run_settings
 from twodquant_jax import workdir as workdir_guard
 from twodquant_jax.data import patches
@@ -156,7 +156,8 @@ def _progress(config) -> bool:
 def _environment() -> dict[str, Any]:
   return {"jax": jax.__version__, "backend": jax.default_backend(),
           "devices": [str(d) for d in jax.devices()], "python": platform.python_version(),
-          "machine": platform.machine(), "processor": platform.processor()}
+          "machine": platform.machine(), "processor": platform.processor(),
+          "host_malloc": "tcmalloc" if host_runtime.loaded_tcmalloc() else "glibc"}
 
 
 def write_results(workdir: Path, results: dict) -> None:

@@ -197,7 +197,7 @@ def host_settings(config: ml_collections.ConfigDict) -> host_runtime.HostSetting
     except ValueError:
       raise ValueError(f"config.cpu_devices must be 'auto' or a positive int, got {devices!r}"
                        ) from None
-  return host_runtime.HostSettings(malloc=config.get("host_malloc", "keep"), cpu_devices=devices)
+  return host_runtime.HostSettings(malloc=config.get("host_malloc", "auto"), cpu_devices=devices)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
