@@ -219,3 +219,20 @@ def test_linear_gradients_match_the_plain_matmul(rows):
   np.testing.assert_allclose(np.asarray(linear(x, k)), np.asarray(x @ k), rtol=0, atol=0)
   np.testing.assert_allclose(np.asarray(dx), np.asarray(dx0), rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(np.asarray(dk), np.asarray(dk0), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m,k,n", [(16, 5, 16), (16, 16, 5)])  # q k^T shape, attn v shape
+def test_bmm_gradients_match_the_plain_matmul(m, k, n):
+  """nn.layers.bmm computes the b-gradient from a transposed copy of the smaller operand (both
+  branches: a narrow as q, g narrow as attn v's output); values and both gradients must equal
+  those of a @ b."""
+  from twodquant_jax.nn.layers import bmm
+  rng = np.random.default_rng(4)
+  a = jnp.asarray(rng.standard_normal((3, 2, m, k)), jnp.float32)
+  b = jnp.asarray(rng.standard_normal((3, 2, k, n)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((3, 2, m, n)), jnp.float32)
+  f = lambda fn: jax.grad(lambda a, b: jnp.sum(jnp.tanh(fn(a, b)) * w), argnums=(0, 1))(a, b)
+  (da, db), (da0, db0) = f(bmm), f(lambda a, b: a @ b)
+  np.testing.assert_array_equal(np.asarray(bmm(a, b)), np.asarray(a @ b))
+  np.testing.assert_allclose(np.asarray(da), np.asarray(da0), rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(db), np.asarray(db0), rtol=1e-6, atol=1e-6)
