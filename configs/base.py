@@ -105,9 +105,9 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   c.compile_cache = "default"  # <$TWODQUANT_CACHE or ~/.cache/twodquant_jax>/xla; a path; "" = off
   # Host process (twodquant_jax/host_runtime.py), applied by main.py before the backend starts.
   # host_malloc: where XLA:CPU's host buffers come from (it frees a multi-GB buffer and ~2 M
-  # smaller blocks every step). 'auto': tcmalloc when installed (main.py re-executes itself with
-  # it preloaded; 2.9 -> 2.5 s a batch-4 CPU step), else 'keep'; 'tcmalloc': required;
-  # 'keep': glibc keeps freed memory for reuse; 'system': glibc as it is.
+  # smaller blocks every step). 'auto': tcmalloc when installed (main.py re-executes itself
+  # with it preloaded; a batch-4 CPU step 2.4 -> 2.2 s, half the memory), else 'keep';
+  # 'tcmalloc': required; 'keep': glibc keeps freed memory for reuse; 'system': glibc as is.
   c.host_malloc = "auto"
   # XLA devices of the CPU backend: 'auto' = one per usable core (at most 8, dividing
   # dqc.batch_size) for a single-process run that trains DQC, else 1; or a number. Splitting the

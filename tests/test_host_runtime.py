@@ -35,9 +35,15 @@ print(json.dumps({"applied": applied, "faults": faults}))
 PAGES = 256 * 2**20 // 4096
 
 
+def _glibc_env() -> dict:
+  """This environment without a preloaded allocator (e.g. Colab's tcmalloc): glibc's malloc."""
+  return {k: v for k, v in os.environ.items()
+          if k not in ("LD_PRELOAD", host_runtime.PRELOADED_ENV)}
+
+
 def _probe(policy: str) -> dict:
   out = subprocess.run([sys.executable, "-c", PROBE, policy], capture_output=True, text=True,
-                       check=True, timeout=120)
+                       check=True, timeout=120, env=_glibc_env())
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -99,6 +105,7 @@ from twodquant_jax import host_runtime
 print("start", flush=True)
 host_runtime.preload_allocator(sys.argv[1])  # re-executes this command when it has to
 print(json.dumps({"argv": sys.argv[1:], "malloc": host_runtime.apply_malloc(sys.argv[1]),
+                  "as_system": host_runtime.apply_malloc("system"),
                   "loaded": host_runtime.loaded_tcmalloc(),
                   "ld_preload": os.environ.get("LD_PRELOAD", "")}))
 """
@@ -119,9 +126,7 @@ def test_reexec_preloads_the_named_library_once(tmp_path):
   import shutil
   fake = tmp_path / "libstandin_alloc.so"
   shutil.copy(_mapped_libm(), fake)
-  env = {k: v for k, v in os.environ.items()
-         if k not in ("LD_PRELOAD", host_runtime.PRELOADED_ENV)}
-  env[host_runtime.TCMALLOC_ENV] = str(fake)
+  env = {**_glibc_env(), host_runtime.TCMALLOC_ENV: str(fake)}
   out = subprocess.run([sys.executable, "-c", REEXEC_PROBE, "tcmalloc", "--an=arg"], env=env,
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-2000:]
@@ -130,6 +135,7 @@ def test_reexec_preloads_the_named_library_once(tmp_path):
   res = json.loads(lines[-1])
   assert res["argv"] == ["tcmalloc", "--an=arg"]
   assert res["loaded"] == os.path.realpath(fake) and res["malloc"] == "tcmalloc"
+  assert res["as_system"] == "tcmalloc"  # what is in use, whatever the policy says
   assert res["ld_preload"].split(":")[0] == os.path.realpath(fake)
   # A bad name is one clear error, not a loop or a crash of the dynamic loader.
   env[host_runtime.TCMALLOC_ENV] = str(tmp_path / "missing.so")

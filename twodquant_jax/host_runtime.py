@@ -10,8 +10,9 @@ zero-filled again: a third of the step's CPU time on a 2-core machine
 - 'tcmalloc': the process re-executes itself once with gperftools' tcmalloc in `LD_PRELOAD`
   (`preload_allocator`; the library must be installed, e.g. `apt-get install
   libtcmalloc-minimal4`, or named by $TWODQUANT_TCMALLOC). Its per-thread caches serve the
-  worker threads' blocks without glibc's arena lock and it reuses the large buffer: 2.9 -> 2.5 s
-  a batch-4 DQC step here, and about half the resident memory of 'keep'. An allocator can only
+  worker threads' blocks without glibc's arena lock and it reuses the large buffer: a batch-4
+  DQC step 2.4 -> 2.2 s on 2 cores, no slow first steps, half the resident memory of 'keep'
+  (docs/measured/issue11_figures.md, session 4). An allocator can only
   be swapped before the process starts, hence the re-exec (Colab already preloads tcmalloc).
 - 'keep': glibc stays, with three documented `mallopt` parameters: one arena (threads share the
   main heap, so large blocks come from `brk` there), no `mmap` for large blocks, no trimming.
@@ -153,12 +154,13 @@ def preload_allocator(policy: str) -> None:
 
 
 def apply_malloc(policy: str) -> str:
-  """Applies a malloc policy in this process; returns the allocator now in use: 'tcmalloc' (it is
-  loaded), 'keep' (glibc tuned) or 'system'. 'auto' without tcmalloc means 'keep'; 'tcmalloc'
-  without it loaded is an error (`preload_allocator` has to run first)."""
+  """Applies a malloc policy in this process; returns the allocator now in use: 'tcmalloc'
+  (loaded, whatever the policy: an LD_PRELOAD cannot be undone), 'keep' (glibc tuned) or
+  'system'. 'auto' without tcmalloc means 'keep'; 'tcmalloc' without it loaded is an error
+  (`preload_allocator` has to run first)."""
   if policy not in POLICIES:
     raise ValueError(f"host_malloc must be one of {POLICIES}, got {policy!r}")
-  if policy in ("auto", "tcmalloc") and loaded_tcmalloc():
+  if loaded_tcmalloc():
     return "tcmalloc"
   if policy == "tcmalloc":
     raise ValueError("host_malloc=tcmalloc: tcmalloc is not loaded in this process "
