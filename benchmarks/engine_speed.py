@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from twodquant_jax import host_runtime
-
 from twodquant_jax.eval.predict import jitted_apply
 from twodquant_jax.io import bounds_file, convert
 from twodquant_jax.nn.swinir import SwinIR, variable_shapes
