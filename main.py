@@ -16,8 +16,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from twodquant_jax import distributed, host_runtime, pipeline, sweep
-from twodquant_jax.io.download import DownloadError
-from twodquant_jax.io.torch_pickle import CheckpointError
+from twodquant_jax.data.download import DownloadError
+from twodquant_jax.formats.torch_pickle import CheckpointError
 from twodquant_jax.settings import distributed_settings, host_settings
 from twodquant_jax.workdir import WorkdirError
 

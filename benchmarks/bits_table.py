@@ -26,9 +26,9 @@ from twodquant_jax import pipeline
 from twodquant_jax import settings as run_settings
 from twodquant_jax.eval import predict as evaluate
 from twodquant_jax.data.benchmarks import load_benchmark
-from twodquant_jax.io import bounds_file
+from twodquant_jax.formats import bounds_file
 from twodquant_jax.ptq.dobi import calibrate_many
-from twodquant_jax.ptq.methods import LABELS
+from twodquant_jax.methods import LABELS
 
 config_flags.DEFINE_config_file("config", None, "Base config (configs/*.py).")
 flags.DEFINE_string("workdir", "runs/bits_table", "Output folder.")

@@ -18,10 +18,10 @@ import numpy as np
 from absl import app, flags
 
 from twodquant_jax import host_runtime
-from twodquant_jax.io import convert
+from twodquant_jax.formats import convert
 from twodquant_jax.nn.swinir import variable_shapes
-from twodquant_jax.paths import shared_dir
-from twodquant_jax.ptq.names import tree_to_dict
+from shared_paths import shared_dir
+from twodquant_jax.nn.names import tree_to_dict
 from twodquant_jax.ptq.dobi import CalibSettings, calibrate_many
 
 flags.DEFINE_bool("skip_full", False, "Skip the 32-patch run.")

@@ -28,9 +28,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from twodquant_jax import host_runtime
-from twodquant_jax.io import convert
-from twodquant_jax.paths import shared_dir
-from twodquant_jax.ptq import names as qnames
+from twodquant_jax.formats import convert
+from shared_paths import shared_dir
+from twodquant_jax.nn import names as qnames
 from twodquant_jax.ptq.dqc import loss as dqc_loss
 from twodquant_jax.ptq.dqc import step as dqc_step
 

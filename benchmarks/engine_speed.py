@@ -26,10 +26,10 @@ import numpy as np
 
 from twodquant_jax import host_runtime
 from twodquant_jax.eval.predict import jitted_apply
-from twodquant_jax.io import bounds_file, convert
+from twodquant_jax.formats import bounds_file, convert
 from twodquant_jax.nn.swinir import SwinIR, variable_shapes
-from twodquant_jax.paths import shared_dir
-from twodquant_jax.ptq import names as qnames
+from shared_paths import shared_dir
+from twodquant_jax.nn import names as qnames
 
 ENGINES = (("fp", "fp"), ("fake", "quant"), ("int", "int"))  # (label, SwinIR mode)
 

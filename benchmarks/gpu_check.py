@@ -53,7 +53,7 @@ def find_shared(arg: str) -> Path:
 
 
 def _params(path: Path, scale: int = 4) -> dict:
-  from twodquant_jax.io import convert
+  from twodquant_jax.formats import convert
   from twodquant_jax.nn.swinir import variable_shapes
   return convert.load_checkpoint(path, scale, variable_shapes(scale)["params"])[0]
 
@@ -86,7 +86,7 @@ def fp_parity(shared: Path, smoke: bool, precisions: tuple[str, ...] = ("highest
 
 
 def dobi(shared: Path, smoke: bool) -> dict:
-  from twodquant_jax.ptq import names as qnames
+  from twodquant_jax.nn import names as qnames
   from twodquant_jax.ptq.dobi import CalibSettings, calibrate_many
   calibrate = lambda p, scale, bits, lr, cfg: calibrate_many(p, scale, lr, {"_": (bits, cfg)})["_"]
   lr = np.load(shared / "reference" / "calib_x4.npz")["lr"][:4]
@@ -120,7 +120,7 @@ def dobi(shared: Path, smoke: bool) -> dict:
 
 
 def dqc_speed(shared: Path, smoke: bool) -> dict:
-  from twodquant_jax.ptq import names as qnames
+  from twodquant_jax.nn import names as qnames
   from twodquant_jax.ptq.dqc import memory as dqc_memory
   from twodquant_jax.ptq.dqc import step as dqc_step
   batch, lr_size, steps = (4, 16, 2) if smoke else (32, 64, 20)

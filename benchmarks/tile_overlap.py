@@ -24,7 +24,7 @@ from twodquant_jax.data.bicubic import imresize
 from twodquant_jax.data.images import load_rgb, mod_crop, to_uint8
 from twodquant_jax.eval import predict as ev
 from twodquant_jax.eval.metrics import psnr_y
-from twodquant_jax.io import bounds_file, convert
+from twodquant_jax.formats import bounds_file, convert
 from twodquant_jax.nn.swinir import variable_shapes
 
 

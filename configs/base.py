@@ -29,7 +29,7 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   c.data = ml_collections.ConfigDict()
   # <root>/<Name>/HR/*.png (+ LR_bicubic/X{s}), used as it is; empty = the sets in data.cache
   c.data.root = ""
-  # Data downloads (twodquant_jax/io/data_cache.py, sources in twodquant_jax/data/sources.py).
+  # Data downloads (twodquant_jax/data/fetch.py, sources in twodquant_jax/data/sources.py).
   c.data.download = True  # fetch missing sets (and weights) into the caches; False: no network
   c.data.cache = ""  # empty = $TWODQUANT_CACHE/data or ~/.cache/twodquant_jax/data
   c.data.mirror = ""  # http(s)://host[/prefix]: replaces every source's scheme+host, same paths
@@ -113,7 +113,7 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   # dqc.batch_size) for a single-process run that trains DQC, else 1; or a number. Splitting the
   # data-parallel step keeps every core busy (2 cores: 3.5 -> 3.0 s per batch-4 step).
   c.cpu_devices = "auto"
-  # Packed export (io/packed.py): after each quantized method, write its b-bit weight codes, all
+  # Packed export (formats/packed.py): after each quantized method, write its b-bit weight codes, all
   # bounds and the float tensors to <workdir>/model_<method>_x{s}_w{b}.safetensors
   c.export = ml_collections.ConfigDict()
   c.export.packed = False

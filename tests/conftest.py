@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from twodquant_jax import host_runtime
-from twodquant_jax.paths import shared_dir
+from shared_paths import shared_dir
 
 # As main.py: reuse freed host memory (XLA:CPU's per-call buffers), before any backend starts.
 host_runtime.apply_malloc("keep")

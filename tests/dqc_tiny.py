@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from twodquant_jax.paths import REPO_ROOT, shared_dir
-from twodquant_jax.ptq import names as qnames
+from shared_paths import REPO_ROOT, shared_dir
+from twodquant_jax.nn import names as qnames
 from twodquant_jax import pipeline
 from twodquant_jax import settings as run_settings
 from twodquant_jax.ptq.dqc import loop as dqc_loop

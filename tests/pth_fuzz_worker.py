@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pth_craft  # noqa: E402
-from twodquant_jax.io import torch_pickle  # noqa: E402
+from twodquant_jax.formats import torch_pickle  # noqa: E402
 
 INTERESTING = [-(1 << 63), -(1 << 31), -12, -2, -1, 0, 1, 2, 3, 4, 5, 11, 12, 13, 1 << 20,
                (1 << 31) - 1, 1 << 31, 1 << 32, (1 << 63) - 1, 1 << 64, 1 << 100]

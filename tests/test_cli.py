@@ -18,14 +18,15 @@ from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
-from twodquant_jax import figure_inputs, pipeline, settings
-from twodquant_jax.ptq import names as qnames
+from twodquant_jax import pipeline, settings
+from twodquant_jax.report import inputs as figure_inputs
+from twodquant_jax.nn import names as qnames
 from twodquant_jax.report import figures
 from twodquant_jax.data.benchmarks import BenchmarkImage
 from twodquant_jax.data.bicubic import imresize
 from twodquant_jax.data.images import load_rgb, save_png, to_uint8
 from twodquant_jax.eval.metrics import psnr_y
-from twodquant_jax.paths import REPO_ROOT
+from shared_paths import REPO_ROOT
 
 CONFIGS = ["fp_x2", "fp_x3", "fp_x4"] + [f"x{s}_w{b}" for s in (2, 3, 4) for b in (2, 3, 4)]
 

@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from twodquant_jax.io import convert
-from twodquant_jax.io import download
-from twodquant_jax.io.download import DownloadError
+from twodquant_jax.formats import convert
+from twodquant_jax.data import download
+from twodquant_jax.data.download import DownloadError
 from twodquant_jax.nn.swinir import SwinIR
-from twodquant_jax.io.torch_pickle import CheckpointError, load_pth
+from twodquant_jax.formats.torch_pickle import CheckpointError, load_pth
 
 
 def shapes(scale):

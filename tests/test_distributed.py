@@ -23,7 +23,7 @@ import pytest
 
 from twodquant_jax import distributed
 from twodquant_jax.data import patches
-from twodquant_jax.paths import REPO_ROOT
+from shared_paths import REPO_ROOT
 from twodquant_jax.ptq.dqc import loop as dqc_loop
 from twodquant_jax.ptq.dqc import step as dqc_step
 

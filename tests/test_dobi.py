@@ -7,11 +7,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from twodquant_jax.io import convert
+from twodquant_jax.formats import convert
 from twodquant_jax.eval.predict import Predictor
 from twodquant_jax.nn.swinir import SwinIR
-from twodquant_jax.ptq import names as qnames
-from twodquant_jax.io import bounds_file
+from twodquant_jax.nn import names as qnames
+from twodquant_jax.formats import bounds_file
 from twodquant_jax.ptq.dobi import CalibSettings, calibrate_many
 
 CASES = [(4, 4), (2, 2), (3, 3)]  # the `_b4` reference files: DOBI on calib lr[:4]

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from twodquant_jax.io import convert
+from twodquant_jax.formats import convert
 from twodquant_jax.nn.swinir import SwinIR
 from twodquant_jax.ptq import search
 from twodquant_jax.ptq.dobi import CalibSettings, bounds_for, iter_captured

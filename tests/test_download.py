@@ -22,9 +22,9 @@ import pytest
 from twodquant_jax import settings
 from twodquant_jax.data import sources
 from twodquant_jax.data.benchmarks import load_benchmark
-from twodquant_jax.io import data_cache, download
-from twodquant_jax.io.download import DownloadError
-from twodquant_jax.paths import REPO_ROOT
+from twodquant_jax.data import fetch as data_cache, download
+from twodquant_jax.data.download import DownloadError
+from shared_paths import REPO_ROOT
 
 SET14_URL = sources.SOURCES["Set14"].remotes[0].url
 DIV2K_URL = sources.SOURCES["DIV2K"].remotes[0].url
@@ -215,7 +215,7 @@ def test_checksum_mismatch_is_one_line_and_leaves_nothing(server, tmp_path, benc
 
 _KILL_MID_EXTRACTION = """
 import os, signal, sys
-from twodquant_jax.io import data_cache, download
+from twodquant_jax.data import fetch as data_cache, download
 real, count = download.shutil.copyfileobj, [0]
 def copy_then_die(src, dst, length=0):
   real(src, dst, length)
@@ -363,7 +363,7 @@ def test_main_offline_stops_with_one_line(tmp_path, reference):
 def test_official_weights_through_the_mirror_and_offline(server, tmp_path, reference, monkeypatch):
   """The weights use the same module: fetched through the mirror at the release path, and with
   downloads off only the cached file is accepted (no request)."""
-  from twodquant_jax.io import convert
+  from twodquant_jax.formats import convert
   name, _ = convert.OFFICIAL[4]
   path = _serve(server, convert.RELEASE + name,
                 (reference / "swinir_light_x4_random.pth").read_bytes())
@@ -384,7 +384,7 @@ def test_official_weights_through_the_mirror_and_offline(server, tmp_path, refer
 def test_mirror_digest_for_other_weights(server, tmp_path, reference):
   """A mirror holding another file at the weights' release path is refused against the pinned
   digest, and accepted (still verified) with its own digest given for the original URL."""
-  from twodquant_jax.io import convert
+  from twodquant_jax.formats import convert
   name, _ = convert.OFFICIAL[4]
   path = _serve(server, convert.RELEASE + name, (reference / "standin_x4.pth").read_bytes())
   with pytest.raises(DownloadError, match="sha256"):

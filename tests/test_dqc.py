@@ -22,11 +22,11 @@ import pytest
 import dqc_tiny
 from twodquant_jax import settings as run_settings
 from twodquant_jax.data import patches
-from twodquant_jax.io import convert
+from twodquant_jax.formats import convert
 from twodquant_jax.nn.swinir import SwinIR
-from twodquant_jax.paths import REPO_ROOT
-from twodquant_jax.ptq import names as qnames
-from twodquant_jax.io import bounds_file
+from shared_paths import REPO_ROOT
+from twodquant_jax.nn import names as qnames
+from twodquant_jax.formats import bounds_file
 from twodquant_jax.ptq.dqc import checkpoint as dqc_ckpt
 from twodquant_jax.ptq.dqc import loop as dqc_loop
 from twodquant_jax.ptq.dqc import loss as dqc_loss

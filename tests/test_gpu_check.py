@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 
-from twodquant_jax.paths import REPO_ROOT
+from shared_paths import REPO_ROOT
 
 
 def test_gpu_check_smoke(shared, tmp_path):

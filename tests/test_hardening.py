@@ -18,9 +18,9 @@ from twodquant_jax import pipeline, workdir as wd
 from twodquant_jax.data import benchmarks
 from twodquant_jax.data.images import load_rgb, save_png
 from twodquant_jax.eval import predict as ev
-from twodquant_jax.io import bounds_file
-from twodquant_jax.io.torch_pickle import CheckpointError
-from twodquant_jax.paths import REPO_ROOT
+from twodquant_jax.formats import bounds_file
+from twodquant_jax.formats.torch_pickle import CheckpointError
+from shared_paths import REPO_ROOT
 
 
 @pytest.fixture(autouse=True)

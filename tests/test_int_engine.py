@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from twodquant_jax.eval.predict import jitted_apply
-from twodquant_jax.io import bounds_file, convert
+from twodquant_jax.formats import bounds_file, convert
 from twodquant_jax.nn.intmath import encode, int_matmul
 from twodquant_jax.nn.quantizer import fake_quant, quant_codes
 from twodquant_jax.nn.swinir import SwinBlock, variable_shapes

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from twodquant_jax.io import convert
+from twodquant_jax.formats import convert
 from twodquant_jax.eval.predict import Predictor, flip_pad
 from twodquant_jax.nn import swinir
 from twodquant_jax.nn.swinir import SwinIR

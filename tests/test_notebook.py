@@ -9,7 +9,7 @@ import nbformat
 import pytest
 
 from twodquant_jax.data.images import load_rgb, save_png
-from twodquant_jax.paths import REPO_ROOT
+from shared_paths import REPO_ROOT
 
 NOTEBOOK = REPO_ROOT / "notebooks" / "2dquant_colab.ipynb"
 

@@ -12,12 +12,12 @@ from safetensors.numpy import save_file
 
 from twodquant_jax import pipeline
 from twodquant_jax.data.images import load_rgb, save_png
-from twodquant_jax.io import bounds_file, convert, packed
+from twodquant_jax.formats import bounds_file, convert, packed
 from twodquant_jax.nn import packing
 from twodquant_jax.nn.quantizer import fake_quant
 from twodquant_jax.nn.swinir import variable_shapes
-from twodquant_jax.paths import REPO_ROOT
-from twodquant_jax.ptq import names as qnames
+from shared_paths import REPO_ROOT
+from twodquant_jax.nn import names as qnames
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])

@@ -19,7 +19,7 @@ import pytest
 
 import pth_craft
 from pth_craft import TensorRecord
-from twodquant_jax.io.torch_pickle import CheckpointError, load_pth
+from twodquant_jax.formats.torch_pickle import CheckpointError, load_pth
 
 HERE = Path(__file__).resolve().parent
 

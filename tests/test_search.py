@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from twodquant_jax.ptq import search
-from twodquant_jax.io.torch_pickle import load_pth
+from twodquant_jax.formats.torch_pickle import load_pth
 
 F32 = np.float32
 

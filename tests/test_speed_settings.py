@@ -15,7 +15,7 @@ import pytest
 
 import dqc_tiny
 from twodquant_jax import settings as run_settings
-from twodquant_jax.paths import REPO_ROOT
+from shared_paths import REPO_ROOT
 from twodquant_jax.ptq.dqc import memory as dqc_memory
 from twodquant_jax.ptq.dqc import step as dqc_step
 

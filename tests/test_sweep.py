@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from twodquant_jax import pipeline, sweep
-from twodquant_jax.paths import REPO_ROOT
+from shared_paths import REPO_ROOT
 from twodquant_jax.report import table3
 
 from test_cli import _main, _tiny_benchmark

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import jax
 
-from twodquant_jax.io.download import default_cache_dir
+from twodquant_jax.data.download import default_cache_dir
 
 DEFAULT = "default"  # <$TWODQUANT_CACHE or ~/.cache/twodquant_jax>/xla, beside the other caches
 

@@ -22,7 +22,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from twodquant_jax import distributed, figure_inputs
+from twodquant_jax import distributed
+from twodquant_jax.report import inputs as figure_inputs
 from twodquant_jax import compile_cache, host_runtime
 from twodquant_jax import settings as run_settings
 from twodquant_jax import workdir as workdir_guard
@@ -31,10 +32,11 @@ from twodquant_jax.data.benchmarks import load_benchmark
 from twodquant_jax.data.images import save_png
 from twodquant_jax.eval import predict as evaluate
 from twodquant_jax.eval import ratios, validation
-from twodquant_jax.io import bounds_file, convert, download, packed
+from twodquant_jax.formats import bounds_file, convert, packed
+from twodquant_jax.data import download
 from twodquant_jax.nn.swinir import SwinIR, variable_shapes
-from twodquant_jax.ptq import methods as method_registry
-from twodquant_jax.ptq import names as qnames
+from twodquant_jax import methods as method_registry
+from twodquant_jax.nn import names as qnames
 from twodquant_jax.ptq.dobi import calibrate_many
 from twodquant_jax.ptq.dqc import checkpoint as dqc_checkpoint
 from twodquant_jax.ptq.dqc import loop as dqc_loop

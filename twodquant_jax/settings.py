@@ -15,12 +15,12 @@ from typing import Any, Mapping
 import ml_collections
 
 from twodquant_jax import host_runtime
-from twodquant_jax.figure_inputs import FigureSettings
-from twodquant_jax.io import data_cache
-from twodquant_jax.io.download import mirror_url
+from twodquant_jax.report.inputs import FigureSettings
+from twodquant_jax.data import fetch as data_cache
+from twodquant_jax.data.download import mirror_url
 from twodquant_jax.data import patches
 from twodquant_jax.distributed import DistributedSettings
-from twodquant_jax.ptq import methods as method_registry
+from twodquant_jax import methods as method_registry
 from twodquant_jax.ptq.dobi import CalibSettings
 from twodquant_jax.ptq.dqc.loop import LoopSettings
 from twodquant_jax.ptq.dqc.step import AUTO_MICROBATCH, DQCSettings
@@ -159,7 +159,7 @@ def data_settings(config: ml_collections.ConfigDict, has_bounds: bool = False
 def with_local_data(config: ml_collections.ConfigDict, has_bounds: bool = False
                     ) -> ml_collections.ConfigDict:
   """A copy of `config` whose data.root / calib.root are local folders and whose eval.datasets
-  are the available sets; missing sets are downloaded first (`io/data_cache.py`)."""
+  are the available sets; missing sets are downloaded first (`data/fetch.py`)."""
   got = data_cache.resolve(data_settings(config, has_bounds))
   out = config.copy_and_resolve_references()
   out.data.root = str(got.data_root)

@@ -23,7 +23,7 @@ import ml_collections
 from absl import logging
 
 from twodquant_jax import distributed, pipeline
-from twodquant_jax.ptq import methods as method_registry
+from twodquant_jax import methods as method_registry
 from twodquant_jax.report import table3
 
 DEFAULT_WORKDIR = Path("runs") / "sweep"

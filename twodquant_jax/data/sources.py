@@ -1,7 +1,7 @@
 """Where each data set comes from: URLs, archive layout, digests, licences (a registry, no I/O).
 
 Every set lands as `<root>/<Name>/HR/*.png` (the layout `benchmarks.load_benchmark` and
-`patches.load_patch_source` read). `io/data_cache.py` downloads and lays them out.
+`patches.load_patch_source` read). `data/fetch.py` downloads and lays them out.
 
 Digests: DIV2K's are the ones TFDS publishes for its `div2k` builder (tensorflow-datasets
 4.9.10, `tensorflow_datasets/datasets/div2k/checksums.tsv`; tests check they still agree when the

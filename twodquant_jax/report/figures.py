@@ -27,8 +27,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from twodquant_jax.ptq.methods import LABELS, QUANTIZED
-from twodquant_jax.ptq.names import KINDS, quantizer_kind, quantizer_order
+from twodquant_jax.methods import LABELS, QUANTIZED
+from twodquant_jax.nn.names import KINDS, quantizer_kind, quantizer_order
 
 KIND_COLORS = {"weight": "tab:blue", "activation": "tab:orange",
                "attention BMM operand": "tab:green"}
@@ -243,7 +243,7 @@ class Visual:
 
 @dataclasses.dataclass
 class FigureInputs:
-  """Everything the figures show, computed by the run (see `twodquant_jax.figure_inputs`)."""
+  """Everything the figures show, computed by the run (see `twodquant_jax.report.inputs`)."""
   scale: int
   bits: int
   bounds: dict[str, dict[str, list[float]]]  # {method: {quantizer: [l, u]}}

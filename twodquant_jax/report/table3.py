@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from twodquant_jax.ptq.methods import ALL, LABELS
+from twodquant_jax.methods import ALL, LABELS
 
 FULL_PRECISION = ("fp", "bicubic")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from twodquant_jax.io.packed import summary_line as packed_summary
-from twodquant_jax.ptq.methods import LABELS
+from twodquant_jax.formats.packed import summary_line as packed_summary
+from twodquant_jax.methods import LABELS
 
 
 def results_markdown(results: Mapping) -> str:

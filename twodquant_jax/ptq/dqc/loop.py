@@ -26,7 +26,7 @@ from twodquant_jax.ptq.dqc import checkpoint as ckpt
 from twodquant_jax.ptq.dqc import memory as dqc_memory
 from twodquant_jax.ptq.dqc.step import (DATA_AXIS, DQCSettings, DQCState, check_batch_size,
                                         data_mesh, init_state, make_schedule)
-from twodquant_jax.ptq.names import tree_to_dict
+from twodquant_jax.nn.names import tree_to_dict
 
 
 class NonFiniteError(RuntimeError):

@@ -2,7 +2,7 @@
 
 A quantizer is named as in the released 2DQuant code, e.g.
 `layers.0.residual_group.blocks.3.attn.qkv.k.act_quantizer` or `...attn.mymodule_a`; the Flax
-path is the same with `layers_0` / `blocks_3`. Bounds files (`io/bounds_file.py`) key bounds by these names.
+path is the same with `layers_0` / `blocks_3`. Bounds files (`formats/bounds_file.py`) key bounds by these names.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Downloads into a local cache: resumable, checksum-verified, extracted atomically, mirrorable.
 
-Used for the official weights (`io/convert.py`) and the data sets (`io/data_cache.py`).
+Used for the official weights (`formats/convert.py`) and the data sets (`data/fetch.py`).
 
 * `fetch` downloads a URL into `<dest>.part`, resuming a partial file with an HTTP Range request,
   verifies its sha256 (the published digest, else the one recorded on first download, see

@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 from typing import Mapping
 
-from twodquant_jax.io.convert import split_quant_bounds, state_dict_from
-from twodquant_jax.io.torch_pickle import load_pth
-from twodquant_jax.ptq.names import QuantTree, dict_to_tree, tree_to_dict
+from twodquant_jax.formats.convert import split_quant_bounds, state_dict_from
+from twodquant_jax.formats.torch_pickle import load_pth
+from twodquant_jax.nn.names import QuantTree, dict_to_tree, tree_to_dict
 
 
 def save_bounds(path: str | Path, quant: QuantTree, meta: Mapping | None = None) -> None:

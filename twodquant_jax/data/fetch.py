@@ -25,8 +25,8 @@ from pathlib import Path
 from absl import logging
 
 from twodquant_jax.data import sources
-from twodquant_jax.io import download
-from twodquant_jax.io.download import DownloadError
+from twodquant_jax.data import download
+from twodquant_jax.data.download import DownloadError
 
 MANIFEST = "source.json"
 RECORDS = "checksums.json"

@@ -29,11 +29,11 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
-from twodquant_jax.io.convert import convert_state_dict, infer_scale, merge_split_qkv
+from twodquant_jax.formats.convert import convert_state_dict, infer_scale, merge_split_qkv
 from twodquant_jax.nn.packing import pack, packed_nbytes, unpack
 from twodquant_jax.nn.quantizer import num_levels
 from twodquant_jax.nn.swinir import variable_shapes
-from twodquant_jax.ptq.names import (QuantTree, dict_to_tree, is_weight, name_from_path,
+from twodquant_jax.nn.names import (QuantTree, dict_to_tree, is_weight, name_from_path,
                                      tree_to_dict)
 
 FORMAT = "twodquant-packed"

@@ -4,7 +4,7 @@ Reads the `.pth` without torch (`torch_pickle.load_pth`), maps every tensor to t
 `models.swinir.SwinIR` (torch Linear (out, in) -> Dense kernel (in, out); Conv (O, I, kh, kw) ->
 (kh, kw, I, O); LayerNorm weight -> scale), drops the `attn_mask` / `relative_position_index`
 buffers (recomputed for the actual input size), and checks that every key is used and every
-shape matches. Also fetches the official release files (`io/download.py`: URL + sha256 + cache).
+shape matches. Also fetches the official release files (`data/download.py`: URL + sha256 + cache).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from twodquant_jax.io import download
-from twodquant_jax.io.download import default_cache_dir
-from twodquant_jax.io.torch_pickle import CheckpointError, load_pth
-from twodquant_jax.ptq.names import BOUND_KEY, QUANTIZER_STATE, path_from_name
+from twodquant_jax.data import download
+from twodquant_jax.data.download import default_cache_dir
+from twodquant_jax.formats.torch_pickle import CheckpointError, load_pth
+from twodquant_jax.nn.names import BOUND_KEY, QUANTIZER_STATE, path_from_name
 
 RELEASE = "https://github.com/JingyunLiang/SwinIR/releases/download/v0.0/"
 OFFICIAL = {

@@ -20,10 +20,10 @@ from absl import logging
 
 from twodquant_jax.data.images import load_rgb, to_uint8
 from twodquant_jax.eval import predict
-from twodquant_jax.io import bounds_file
+from twodquant_jax.formats import bounds_file
 from twodquant_jax.nn.swinir import variable_shapes
 from twodquant_jax.ptq import dobi
-from twodquant_jax.ptq.names import quantizer_order, tree_to_dict
+from twodquant_jax.nn.names import quantizer_order, tree_to_dict
 from twodquant_jax.report.figures import (HIST_BINS, METHOD_ORDER, FigureInputs, Visual,
                                           read_dqc_log)
 
