@@ -114,8 +114,7 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   # XLA devices of the CPU backend: 'auto' = the count set in XLA_FLAGS
   # (--xla_force_host_platform_device_count) if any, else one per usable core (at most 8,
   # dividing dqc.batch_size) for a single-process run that trains DQC, else 1; or a number.
-  # Splitting the data-parallel step keeps every core busy (2 cores: 3.49 -> 2.96 s per batch-4
-  # step).
+  # Splitting the data-parallel step keeps every core busy (measured in docs/speed.md).
   c.cpu_devices = "auto"
   # Packed export (formats/packed.py): after each quantized method, write its b-bit weight codes, all
   # bounds and the float tensors to <workdir>/model_<method>_x{s}_w{b}.safetensors
