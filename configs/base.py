@@ -43,7 +43,7 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   c.eval.tile = 0  # LR tile size for large images (multiple of 8); 0 = whole images
   # LR pixels shared by neighbouring tiles. Each SR pixel is taken from the tile where it is
   # farthest from an inner edge (eval.tile_blend); at tile 64 the tiled PSNR is then within
-  # 0.002 dB of whole images from overlap 8 up (README, notes/issue12_figures.md).
+  # 0.002 dB of whole images from overlap 8 up (docs/running.md, docs/measured/robustness.md).
   c.eval.tile_overlap = 16
   c.eval.save_sr = False  # write the SR PNGs to <workdir>/sr/<method>/<dataset>/
   c.eval.engine = "fake"  # quantized forward: fake (float fake-quant) | int (int8 matmuls + corrections)
@@ -99,19 +99,22 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   c.dqc.val_crop = 256  # validation HR crop (pixels) so one compile serves every image; 0 = whole
   c.dqc.data_workers = 0  # threads making training batches; 0 = automatic
 
-  # --- speed / compilation (issue 11)
+  # --- speed / compilation (docs/speed.md)
   # Persistent XLA compilation cache: a second run of the same configuration does not recompile.
   # Empty = off. Set once at startup (pipeline.run).
   c.compile_cache = "default"  # <$TWODQUANT_CACHE or ~/.cache/twodquant_jax>/xla; a path; "" = off
   # Host process (twodquant_jax/host_runtime.py), applied by main.py before the backend starts.
   # host_malloc: where XLA:CPU's host buffers come from (it frees a multi-GB buffer and ~2 M
-  # smaller blocks every step). 'auto': tcmalloc when installed (main.py re-executes itself
-  # with it preloaded; a batch-4 CPU step 2.4 -> 2.2 s, half the memory), else 'keep';
-  # 'tcmalloc': required; 'keep': glibc keeps freed memory for reuse; 'system': glibc as is.
+  # smaller blocks every step); the process is never re-executed. 'auto': glibc 'keep'
+  # in-process, or tcmalloc if already preloaded; 'tcmalloc': requires it preloaded, e.g.
+  # LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python main.py ... (a batch-4
+  # CPU step 2.4 -> 2.2 s, half the memory); 'keep': glibc keeps freed memory for reuse;
+  # 'system': glibc as is.
   c.host_malloc = "auto"
-  # XLA devices of the CPU backend: 'auto' = one per usable core (at most 8, dividing
-  # dqc.batch_size) for a single-process run that trains DQC, else 1; or a number. Splitting the
-  # data-parallel step keeps every core busy (2 cores: 3.5 -> 3.0 s per batch-4 step).
+  # XLA devices of the CPU backend: 'auto' = the count set in XLA_FLAGS
+  # (--xla_force_host_platform_device_count) if any, else one per usable core (at most 8,
+  # dividing dqc.batch_size) for a single-process run that trains DQC, else 1; or a number.
+  # Splitting the data-parallel step keeps every core busy (measured in docs/speed.md).
   c.cpu_devices = "auto"
   # Packed export (formats/packed.py): after each quantized method, write its b-bit weight codes, all
   # bounds and the float tensors to <workdir>/model_<method>_x{s}_w{b}.safetensors
@@ -127,7 +130,7 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
       "layers.0.residual_group.blocks.0.mlp.fc2.act_quantizer,"
       "layers.3.residual_group.blocks.5.attn.mymodule_a")
 
-  # Robustness (issue 12): evaluation memory budget, workdir overwrite.
+  # Robustness (docs/running.md): evaluation memory budget, workdir overwrite.
   # LR pixels (after padding) per jitted evaluation call: peak memory grows with it (~50 KB
   # per padded LR pixel at x4 on CPU, measured); eval.batch_size stays a cap on the images per
   # call. An image above the budget runs alone. 0 = no budget (batch_size only).
