@@ -9,7 +9,7 @@ import json
 import numpy as np
 
 from configs import base
-from twodquant_jax import pipeline
+from twodquant_jax import pipeline, settings
 from twodquant_jax.data.images import load_rgb, save_png
 from twodquant_jax.eval.metrics import psnr_y
 
@@ -40,7 +40,7 @@ def test_2dquant_beats_dobi_end_to_end(tmp_path, reference, benchmarks, shared):
   c.dqc.log_every = 10
   c.progress = False
   workdir = tmp_path / "run"
-  results = pipeline.run(c, workdir)
+  results = pipeline.run(settings.parse(c), workdir)
 
   assert sorted(results["methods"]) == ["2dquant", "dobi", "fp", "minmax"]
   for m in ("minmax", "dobi", "2dquant"):
