@@ -19,15 +19,11 @@ def _repo_on_path(monkeypatch):
   monkeypatch.syspath_prepend(str(REPO_ROOT))
 
 
-def _config(**fields):
+def _config(fields=None, method="2dquant"):
+  """x4 W2 `method` with `fields` ({"dqc.loss": "l2", ...}) changed."""
   from configs import base
-  c = base.get_config(scale=4, bits=2, method=fields.pop("method", "2dquant"))
-  for key, value in fields.items():
-    node = c
-    *path, last = key.split("__")
-    for p in path:
-      node = node[p]
-    node[last] = value
+  c = base.get_config(scale=4, bits=2, method=method)
+  c.update_from_flattened_dict(fields or {})
   return c
 
 
@@ -35,28 +31,28 @@ def _config(**fields):
     ({"scale": 5}, "config.scale must be 2, 3 or 4"),
     ({"bits": 9}, "config.bits must be between 2 and 8"),
     ({"method": "fp,nope"}, "config.method must be"),
-    ({"eval__engine": "float"}, "config.eval.engine must be one of"),
-    ({"eval__tile": 12}, "config.eval.tile must be a positive multiple of 8"),
-    ({"eval__datasets": " , "}, "config.eval.datasets is empty"),
-    ({"dqc__loss": "l2"}, "config.dqc.loss must be one of"),
-    ({"dqc__schedule": "linear"}, "config.dqc.schedule must be one of"),
-    ({"dqc__microbatch": "some"}, "config.dqc.microbatch must be 'auto' or an integer"),
-    ({"dqc__log_every": 0}, "config.dqc.log_every must be >= 1"),
-    ({"dqc__val_images": 0}, "config.dqc.val_images must be an integer >= 1"),
-    ({"dobi__strategy": "fast"}, "dobi.strategy must be 'paper' or 'reference'"),
-    ({"dobi__num_candidates": 0}, "config.dobi.num_candidates must be an integer >= 1"),
-    ({"calib__lr_size": 20}, "config.calib.lr_size must be a positive multiple of 8"),
+    ({"eval.engine": "float"}, "config.eval.engine must be one of"),
+    ({"eval.tile": 12}, "config.eval.tile must be a positive multiple of 8"),
+    ({"eval.datasets": " , "}, "config.eval.datasets is empty"),
+    ({"dqc.loss": "l2"}, "config.dqc.loss must be one of"),
+    ({"dqc.schedule": "linear"}, "config.dqc.schedule must be one of"),
+    ({"dqc.microbatch": "some"}, "config.dqc.microbatch must be 'auto' or an integer"),
+    ({"dqc.log_every": 0}, "config.dqc.log_every must be >= 1"),
+    ({"dqc.val_images": 0}, "config.dqc.val_images must be an integer >= 1"),
+    ({"dobi.strategy": "fast"}, "dobi.strategy must be 'paper' or 'reference'"),
+    ({"dobi.num_candidates": 0}, "config.dobi.num_candidates must be an integer >= 1"),
+    ({"calib.lr_size": 20}, "config.calib.lr_size must be a positive multiple of 8"),
     ({"host_malloc": "jemalloc"}, "config.host_malloc must be one of"),
     ({"cpu_devices": "many"}, "config.cpu_devices must be 'auto' or a positive int"),
-    ({"data__mirror": "ftp://m"}, "config.data.mirror 'ftp://m' is not an http"),
-    ({"data__mirror_checksums": "x.json"}, "config.data.mirror_checksums replaces"),
-    ({"distributed__num_processes": 2}, "need config.distributed.coordinator"),
-    ({"report__figures": True, "report__visual_images": "baby"}, "config.report.visual_images"),
+    ({"data.mirror": "ftp://m"}, "config.data.mirror 'ftp://m' is not an http"),
+    ({"data.mirror_checksums": "x.json"}, "config.data.mirror_checksums replaces"),
+    ({"distributed.num_processes": 2}, "need config.distributed.coordinator"),
+    ({"report.figures": True, "report.visual_images": "baby"}, "config.report.visual_images"),
     ({"seed": -1}, "config.seed must be an integer >= 0"),
 ])
 def test_parse_rejects_each_bad_field_in_one_line(fields, message):
   with pytest.raises(ValueError, match=message) as e:
-    settings.parse(_config(**fields))
+    settings.parse(_config(fields))
   assert "\n" not in str(e.value)
 
 
@@ -68,9 +64,9 @@ def test_parse_builds_what_a_run_needs():
   assert (s.dqc.scale, s.dqc.bits, s.loop.batch_size) == (4, 2, 32)
   assert s.host == settings.HostSettings("auto", 0, 32) and s.figures is None
   assert s.config_dict == _config(method="all").to_dict()  # as given, for results.json
-  fp = settings.parse(_config(method="fp", bits=32))  # no quantized method: bits unchecked
+  fp = settings.parse(_config({"bits": 32}, method="fp"))  # no quantized method: bits unchecked
   assert fp.dqc is None and fp.loop is None and fp.calibrations == {}
-  given = settings.parse(_config(model__bounds="b.json"))  # given bounds: no calibration, DQC
+  given = settings.parse(_config({"model.bounds": "b.json"}))  # given bounds: no calibration, DQC
   assert given.dqc is None and given.calibrations == {} and not given.data.need_calib
 
 
