@@ -119,20 +119,23 @@ def prepare(settings: RunSettings, calibration: bool = False) -> Inputs:
   roots (downloading missing sets), reads the benchmarks and, with `calibration`, the
   calibration batch (it depends on the scale, not the bits)."""
   params, ckpt_bounds, ckpt_path = load_params(settings)
-  roots = resolve_data(settings, has_bounds=bool(ckpt_bounds))
+  calibration = calibration and not settings.model.bounds
+  roots = resolve_data(settings, has_bounds=bool(ckpt_bounds), calibration=calibration)
   datasets = {n: load_benchmark(roots.data_root, n, settings.scale)  # bad images fail first
               for n in roots.datasets}
-  calib_lr = None
-  if calibration and settings.quantized and not settings.model.bounds:
-    calib_lr = calibration_batch(settings, roots.calib_root)
+  calib_lr = calibration_batch(settings, roots.calib_root) if calibration else None
   return Inputs(params, ckpt_bounds, ckpt_path, roots, datasets, calib_lr)
 
 
-def resolve_data(settings: RunSettings, has_bounds: bool = False) -> fetch.DataRoots:
+def resolve_data(settings: RunSettings, has_bounds: bool = False, calibration: bool = False
+                 ) -> fetch.DataRoots:
   """The run's local benchmark root, calibration folder and available sets (data/fetch.py);
-  `has_bounds`: the checkpoint holds bounds, so no calibration images are read."""
+  `has_bounds`: the checkpoint holds bounds, so no calibration images are read;
+  `calibration`: the calibration batch is read now (a sweep's shared inputs) even if these
+  settings' own methods would not read it."""
   need = calibration_images_needed(settings.methods, settings.calib.batch_file,
                                    settings.bounds_given or has_bounds)
+  need = need or (calibration and not settings.calib.batch_file)
   return fetch.resolve(dataclasses.replace(settings.data, need_calib=need))
 
 
