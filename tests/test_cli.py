@@ -286,8 +286,8 @@ def test_rerun_of_the_same_command_is_not_refused(tmp_path, reference, benchmark
   _tiny_benchmark(root, benchmarks)
   real = pipeline.resolve_data
 
-  def as_if_from_the_cache(s, has_bounds=False):  # what an empty data.root resolves to
-    return dataclasses.replace(real(s, has_bounds), data_root=root)
+  def as_if_from_the_cache(s, **kw):  # what an empty data.root resolves to
+    return dataclasses.replace(real(s, **kw), data_root=root)
 
   monkeypatch.setattr(pipeline, "resolve_data", as_if_from_the_cache)
   c = base.get_config(scale=4, bits=4, method="fp")
