@@ -309,14 +309,7 @@ def _run(settings: RunSettings, workdir: Path, inputs: Inputs | None) -> dict:
         predict = evaluate.bicubic_predict(s.scale)
       else:
         if spec.dqc and method not in bounds:
-          start = spec.init_from
-          if start not in s.methods:  # keep the start (the figures show it too)
-            entry.start_bounds_file = f"bounds_{start}.json"
-            if distributed.is_primary():
-              bounds_file.save_bounds(workdir / entry.start_bounds_file, bounds[start],
-                                      {"method": start, "bits": s.bits, "scale": s.scale,
-                                       "identity": entry.dobi_identity})
-          bounds[method], entry.dqc = run_dqc(s, params, bounds[start], workdir)
+          bounds[method], entry.dqc = refine(s, method, params, bounds, entry, workdir)
           dqc_records = entry.dqc.pop("records", [])
         quant = bounds.get(method)
         if quant is not None:
@@ -337,6 +330,20 @@ def _run(settings: RunSettings, workdir: Path, inputs: Inputs | None) -> dict:
   record.complete = True
   write_results(workdir, record)
   return record.to_json()
+
+
+def refine(settings: RunSettings, method: str, params: dict, bounds: dict[str, dict],
+           entry: MethodRecord, workdir: Path) -> tuple[dict, dict]:
+  """DQC of `method` from its start's bounds (kept as bounds_<start>.json when the start is no
+  row of the run: a resumed run reuses it, the figures show it)."""
+  start = method_registry.REGISTRY[method].init_from
+  if start not in settings.methods:
+    entry.start_bounds_file = f"bounds_{start}.json"
+    if distributed.is_primary():
+      bounds_file.save_bounds(workdir / entry.start_bounds_file, bounds[start],
+                              {"method": start, "bits": settings.bits, "scale": settings.scale,
+                               "identity": entry.dobi_identity})
+  return run_dqc(settings, params, bounds[start], workdir)
 
 
 def make_figures(settings: RunSettings, workdir: Path, record: RunRecord, params: dict,
