@@ -1,9 +1,10 @@
 """Command line: `python main.py --config=configs/x4_w2.py [--workdir=DIR] [--config.X=Y ...]`.
 
-Thin by design: parses flags, joins a multi-process run if one is configured (or detected),
-and calls `twodquant_jax.pipeline.run`, or `twodquant_jax.sweep.run` for a config with a
-`sweep` block (configs/sweep.py). The project's own errors (bad settings, missing or corrupt
-files, a busy workdir, a failed download) end in ONE line naming the file and what to do;
+Thin by design: flags -> `settings.parse` (every value checked once, here) -> the host
+settings -> joining a multi-process run if one is configured (or detected) -> `pipeline.run`,
+or `sweep.run` for a config with a `sweep` block (configs/sweep.py). The project's own errors
+(bad settings, missing or corrupt files, a busy workdir, a failed download) end in ONE line
+naming the file and what to do;
 `--verbosity=1` or TWODQUANT_DEBUG=1 shows the traceback (and other packages' INFO logs, which
 are otherwise hidden).
 """
@@ -15,10 +16,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from twodquant_jax import distributed, host_runtime, pipeline, sweep
+from twodquant_jax import distributed, host_runtime, pipeline, settings, sweep
 from twodquant_jax.data.download import DownloadError
 from twodquant_jax.formats.torch_pickle import CheckpointError
-from twodquant_jax.settings import distributed_settings, host_settings
 from twodquant_jax.workdir import WorkdirError
 
 PACKAGE = "twodquant_jax"
@@ -90,9 +90,8 @@ def fail_line(error: BaseException) -> str:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  job = sweep if "sweep" in FLAGS.config else pipeline
   try:
-    job.validate(FLAGS.config)
+    s = settings.parse(FLAGS.config)
   except ValueError as e:  # a bad value: one line naming the field, no usage text or traceback
     if debugging():
       raise
@@ -101,10 +100,10 @@ def main(argv):
     sys.exit(1)
   setup_logging()
   try:
-    host = host_runtime.apply(host_settings(FLAGS.config))  # before the backend; may re-exec
+    host = host_runtime.apply(s.host)  # before the backend; may re-exec
     logging.info("host: malloc %s, %d CPU device(s)", host["malloc"], host["cpu_devices"])
-    distributed.initialize(distributed_settings(FLAGS.config))
-    job.run(FLAGS.config, FLAGS.workdir or None)
+    distributed.initialize(s.distributed)
+    (sweep if s.sweep else pipeline).run(s, FLAGS.workdir or None)
   except (ValueError, OSError, WorkdirError, DownloadError) as e:  # the project's own errors
     if debugging():
       raise

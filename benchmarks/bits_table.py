@@ -12,6 +12,7 @@ stand-in trained checkpoint, our DF2K stand-in for calibration):
 Writes <workdir>/bits_table.{json,md}.
 """
 
+import dataclasses
 import json
 import sys
 import time
@@ -43,27 +44,26 @@ def main(_):
   workdir = Path(FLAGS.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   t0 = time.perf_counter()
-  params, _, ckpt = pipeline.load_params(config)
-  config = run_settings.with_local_data(config)  # given folders, else the cache (downloading)
-  names = [n.strip() for n in config.eval.datasets.split(",") if n.strip()]
-  datasets = {n: load_benchmark(config.data.root, n, config.scale) for n in names}
-  rows = {"FP": pipeline.evaluate_method(config, "fp", pipeline.sr_predictor(
-      config, params, None).predict, datasets, workdir)}
+  s = pipeline.check_inputs(run_settings.parse(config))
+  params, _, ckpt = pipeline.load_params(s)
+  s = pipeline.with_roots(s, pipeline.resolve_data(s))  # given folders, else the cache
+  names = list(s.eval.datasets)
+  datasets = {n: load_benchmark(s.data.root, n, s.scale) for n in names}
+  rows = {"FP": pipeline.evaluate_method(s, "fp", pipeline.sr_predictor(
+      s, params, None).predict, datasets, workdir)}
   rows["Bicubic"] = pipeline.evaluate_method(
-      config, "bicubic", evaluate.bicubic_predict(config.scale), datasets, workdir)
+      s, "bicubic", evaluate.bicubic_predict(s.scale), datasets, workdir, tiled=False)
   bits_list = [int(b) for b in FLAGS.bits]
-  settings = {(m, b): (b, pipeline.calib_settings(config, m))
+  settings = {(m, b): (b, run_settings.calib_settings(config, m))
               for b in bits_list for m in FLAGS.methods}
-  calibrated = calibrate_many(params, config.scale, pipeline.calibration_batch(config),
-                              settings)
+  calibrated = calibrate_many(params, s.scale, pipeline.calibration_batch(s), settings)
   for b in bits_list:
-    cfg_b = config.copy_and_resolve_references()
-    cfg_b.bits = b
+    s_b = dataclasses.replace(s, bits=b)
     for m in FLAGS.methods:
       quant, _ = calibrated[(m, b)]
       bounds_file.save_bounds(workdir / f"bounds_{m}_w{b}.json", quant, {"method": m, "bits": b})
       rows[f"{LABELS[m]} W{b}"] = pipeline.evaluate_method(
-          cfg_b, f"{m}_w{b}", pipeline.sr_predictor(cfg_b, params, quant).predict, datasets,
+          s_b, f"{m}_w{b}", pipeline.sr_predictor(s_b, params, quant).predict, datasets,
           workdir)
   table = ["| Method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
   for label, res in rows.items():
@@ -71,7 +71,8 @@ def main(_):
         f"{res[n]['psnr']:.2f} / {res[n]['ssim']:.4f}" for n in names) + " |")
   seconds = time.perf_counter() - t0
   md = (f"# x{config.scale}, checkpoint `{ckpt}`: PSNR (dB) / SSIM on Y\n\n" + "\n".join(table)
-        + f"\n\nCalibration: {config.calib.num_patches} patches from `{config.calib.root or config.calib.batch_file}`"
+        + f"\n\nCalibration: {config.calib.num_patches} patches from "
+        f"`{s.calib.root or s.calib.batch_file}`"
         f" (seed {config.seed}); DOBI strategy {config.dobi.strategy}; {seconds:.0f} s.\n")
   (workdir / "bits_table.md").write_text(md)
   (workdir / "bits_table.json").write_text(json.dumps(

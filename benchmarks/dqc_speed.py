@@ -37,7 +37,7 @@ from twodquant_jax.ptq.dqc import step as dqc_step
 
 def _params(settings: dqc_step.DQCSettings, seed: int) -> dict:
   """The reference random-weight checkpoint if present, else seeded random weights."""
-  model = settings.model("fp")
+  model = dqc_step.model_for(settings, "fp")
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
   try:
     path = shared_dir() / "reference" / f"swinir_light_x{settings.scale}_random.pth"
@@ -52,7 +52,7 @@ def _params(settings: dqc_step.DQCSettings, seed: int) -> dict:
 
 def _minmax_bounds(settings: dqc_step.DQCSettings, params: dict, x: np.ndarray) -> dict:
   """Min/max bounds of every quantizer input on `x` (realistic ranges for the timing)."""
-  capture = jax.jit(lambda p, x: settings.model("capture").apply(
+  capture = jax.jit(lambda p, x: dqc_step.model_for(settings, "capture").apply(
       {"params": p}, x, mutable=["calib"])[1]["calib"])
   seen = qnames.leaves_by_name(capture(params, x), "input")
   return qnames.dict_to_tree({k: [float(jnp.min(v)), float(jnp.max(v))]

@@ -129,15 +129,15 @@ def dqc_speed(shared: Path, smoke: bool) -> dict:
   # The pipeline's own DQC settings (steps 3000 etc.), so its compile is a persistent-cache hit.
   settings = run_settings.dqc_settings(get_config(scale=4, bits=2), dict(TINY_ARCH) if smoke
                                        else None)
-  assert settings.microbatch == dqc_step.AUTO_MICROBATCH
+  assert settings.microbatch == run_settings.AUTO_MICROBATCH
   if smoke:
-    params = jax.jit(settings.model("fp").init)(jax.random.key(0),
-                                                jnp.zeros((1, 8, 8, 3)))["params"]
+    params = jax.jit(dqc_step.model_for(settings, "fp").init)(
+        jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
   else:
     params = _params(shared / "reference" / "standin_x4.pth")
   lr = np.load(shared / "reference" / "calib_x4.npz")["lr"]
   lr = np.resize(lr[:, :lr_size, :lr_size], (batch, lr_size, lr_size, 3)).astype(np.uint8)
-  capture = jax.jit(lambda p, x: settings.model("capture").apply(
+  capture = jax.jit(lambda p, x: dqc_step.model_for(settings, "capture").apply(
       {"params": p}, x, mutable=["calib"])[1]["calib"])
   seen = qnames.leaves_by_name(capture(params, lr[:2].astype(np.float32) / 255.0), "input")
   quant = qnames.dict_to_tree({k: [float(jnp.min(v)), float(jnp.max(v))]
@@ -182,6 +182,7 @@ def _tiny_benchmarks(shared: Path, root: Path) -> Path:
 def pipeline(shared: Path, smoke: bool, workdir: Path, dqc_steps: int = 3000) -> dict:
   from configs.base import get_config
   from twodquant_jax import pipeline as run_pipeline
+  from twodquant_jax import settings as run_settings
   c = get_config(scale=4, bits=2, method="dobi" if smoke else "2dquant")
   c.model.checkpoint = str(shared / "reference" / "standin_x4.pth")
   c.calib.root = str(shared / "data" / "calib")
@@ -194,7 +195,7 @@ def pipeline(shared: Path, smoke: bool, workdir: Path, dqc_steps: int = 3000) ->
     c.calib.num_patches, c.calib.lr_size = 1, 16
     c.data.root = str(_tiny_benchmarks(shared, workdir / "bench"))
   t0 = time.perf_counter()
-  res = run_pipeline.run(c, workdir / "run")
+  res = run_pipeline.run(run_settings.parse(c), workdir / "run")
   total = time.perf_counter() - t0
   method = c.method
   entry = res["methods"][method]

@@ -72,13 +72,14 @@ def _random_params(shapes, rng: np.random.Generator) -> dict:
 
 def tiny_setup(seed: int = 0) -> tuple[dict, dict]:
   """(params, min/max bounds) of the tiny network, from `seed` only."""
-  settings = dqc_step.DQCSettings(scale=SCALE, bits=BITS, arch=tuple(sorted(ARCH.items())))
+  settings = run_settings.DQCSettings(scale=SCALE, bits=BITS, arch=tuple(sorted(ARCH.items())))
   rng = np.random.default_rng(seed)
   x = rng.uniform(size=(2, LR_SIZE, LR_SIZE, 3)).astype(np.float32)
-  shapes = jax.eval_shape(settings.model("fp").init, jax.random.key(0), x)["params"]
+  shapes = jax.eval_shape(dqc_step.model_for(settings, "fp").init, jax.random.key(0),
+                          x)["params"]
   params = _random_params(shapes, rng)
-  capture = jax.jit(lambda p, x: settings.model("capture").apply({"params": p}, x,
-                                                                 mutable=["calib"])[1])
+  capture = jax.jit(lambda p, x: dqc_step.model_for(settings, "capture").apply(
+      {"params": p}, x, mutable=["calib"])[1])
   seen = capture(params, x)
   inputs = qnames.leaves_by_name(seen["calib"], "input")
   bounds = {name: [float(jnp.min(v)), float(jnp.max(v))] for name, v in inputs.items()}
@@ -92,17 +93,17 @@ def as_dict(quant) -> dict[str, np.ndarray]:
 def train(params, quant, config: ml_collections.ConfigDict, workdir, **kwargs):
   """`loop.train` on the tiny network with the settings the pipeline would take from `config`
   (kwargs: mesh, validate, callback, progress)."""
+  run = run_settings.parse(config)
   settings = run_settings.dqc_settings(config, ARCH)
-  validate = pipeline.dqc_validator(config, params, settings.model("quant"))
-  return dqc_loop.train(params, quant, settings, run_settings.loop_settings(config), workdir,
-                        validate=validate, **kwargs)
+  validate = pipeline.dqc_validator(run, params, dqc_step.model_for(settings, "quant"))
+  return dqc_loop.train(params, quant, settings, run.loop, workdir, validate=validate, **kwargs)
 
 
 def _join(argv: list[str]) -> tuple[list[str], int]:
   """Consumes the --dist arguments: joins the run; returns the rest and DIE_AFTER_STEP (0)."""
   from twodquant_jax import distributed  # pylint: disable=g-import-not-at-top
   coordinator, n, pid, timeout, die = argv[2], int(argv[3]), int(argv[4]), int(argv[5]), int(argv[6])
-  distributed.initialize(distributed.DistributedSettings(
+  distributed.initialize(run_settings.DistributedSettings(
       coordinator=coordinator, num_processes=n, process_id=pid, timeout_s=timeout,
       init_timeout_s=300))
   return [argv[0]] + argv[7:], die

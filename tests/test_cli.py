@@ -2,6 +2,7 @@
 a tiny end-to-end `main.py` run writes a consistent results.json / results.md, and the figures
 render from a fake workdir."""
 
+import dataclasses
 import importlib
 import json
 import os
@@ -52,8 +53,7 @@ def test_config_module_loads(name):
   assert (config.scale, config.method) == (scale, method)
   if bits is not None:
     assert config.bits == bits
-  from twodquant_jax import pipeline
-  pipeline.validate(config)
+  settings.parse(config)
 
 
 def _parse(argv: list[str]) -> flags.FlagValues:
@@ -222,9 +222,9 @@ def test_figures_from_fake_workdir(tmp_path, reference, benchmarks):
   config.report.visual_images = "Tiny/img,Tiny/missing,Nowhere/img"
   config.data.root = str(tmp_path / "no_benchmarks")
   t0 = time.perf_counter()
-  params = pipeline.load_params(config)[0]
-  inputs = figure_inputs.collect(settings.figure_settings(config), workdir, results,
-                                 params=params, calib_lr=pipeline.calibration_batch(config),
+  params = pipeline.load_params(settings.parse(config))[0]
+  inputs = figure_inputs.collect(settings.figure_settings(config), workdir, results, params=params,
+                                 calib_lr=pipeline.calibration_batch(settings.parse(config)),
                                  datasets={"Tiny": [BenchmarkImage("img", lr, hr)]})
   assert sorted(inputs.visuals[0].srs) == ["2dquant", "bicubic", "dobi", "fp"]
   paths = figures.write_all(inputs, workdir / "figures")
@@ -284,23 +284,21 @@ def test_rerun_of_the_same_command_is_not_refused(tmp_path, reference, benchmark
   from configs import base
   root = tmp_path / "bench"
   _tiny_benchmark(root, benchmarks)
-  real = settings.with_local_data
+  real = pipeline.resolve_data
 
-  def as_if_from_the_cache(config, has_bounds=False):  # what an empty data.root resolves to
-    out = real(config, has_bounds)
-    out.data.root = str(root)
-    return out
+  def as_if_from_the_cache(s, **kw):  # what an empty data.root resolves to
+    return dataclasses.replace(real(s, **kw), data_root=root)
 
-  monkeypatch.setattr(settings, "with_local_data", as_if_from_the_cache)
+  monkeypatch.setattr(pipeline, "resolve_data", as_if_from_the_cache)
   c = base.get_config(scale=4, bits=4, method="fp")
   c.model.checkpoint = str(reference / "swinir_light_x4_random.pth")
   c.data.root = str(tmp_path / "elsewhere")  # stands for "" (the cache): never read as such
   (tmp_path / "elsewhere").mkdir()
   c.eval.datasets = "Set5"
   c.progress = False
-  first = pipeline.run(c, tmp_path / "run")
+  first = pipeline.run(settings.parse(c), tmp_path / "run")
   assert first["config"]["data"]["root"] == str(tmp_path / "elsewhere")
   assert first["data"]["root"] == str(root)
-  second = pipeline.run(c, tmp_path / "run")  # the same command again
+  second = pipeline.run(settings.parse(c), tmp_path / "run")  # the same command again
   assert second["methods"]["fp"]["datasets"]["Set5"]["psnr"] == pytest.approx(
       first["methods"]["fp"]["datasets"]["Set5"]["psnr"], abs=1e-12)

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from twodquant_jax import distributed
+from twodquant_jax import distributed, settings
 from twodquant_jax.data import patches
 from shared_paths import REPO_ROOT
 from twodquant_jax.ptq.dqc import loop as dqc_loop
@@ -144,17 +144,17 @@ def test_process_rows_single_process():
 
 def test_distributed_settings_and_no_cluster(monkeypatch):
   with pytest.raises(ValueError, match="HOST:PORT"):
-    distributed.DistributedSettings(coordinator="localhost", num_processes=2, process_id=0)
+    settings.DistributedSettings(coordinator="localhost", num_processes=2, process_id=0)
   with pytest.raises(ValueError, match="process_id"):
-    distributed.DistributedSettings(coordinator="10.0.0.1:1234", num_processes=2, process_id=2)
+    settings.DistributedSettings(coordinator="10.0.0.1:1234", num_processes=2, process_id=2)
   with pytest.raises(ValueError, match="need config.distributed.coordinator"):
-    distributed.DistributedSettings(num_processes=2)
-  distributed.DistributedSettings(coordinator="[::1]:1234", num_processes=1, process_id=0)
+    settings.DistributedSettings(num_processes=2)
+  settings.DistributedSettings(coordinator="[::1]:1234", num_processes=1, process_id=0)
   # No flags and no cluster: one process, without trying to connect anywhere.
   for var in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri"):
     monkeypatch.delenv(var, raising=False)
   assert distributed.detected_cluster() is None
-  assert distributed.initialize(distributed.DistributedSettings()) is False
+  assert distributed.initialize(settings.DistributedSettings()) is False
   assert distributed.is_primary() and not jax.distributed.is_initialized()
   monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
   assert distributed.detected_cluster() == "JAX_COORDINATOR_ADDRESS"

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from twodquant_jax import settings
+from twodquant_jax import pipeline, settings
 from twodquant_jax.data import sources
 from twodquant_jax.data.benchmarks import load_benchmark
 from twodquant_jax.data import fetch as data_cache, download
@@ -330,17 +330,17 @@ def test_config_defaults_and_validation(tmp_path):
   c.method, c.calib.batch_file = "dobi", "batch.npz"
   assert not settings.data_settings(c).need_calib  # the batch file replaces the images
   c.method = "fp"
-  assert not settings.needs_calibration_images(c)
+  assert not settings.data_settings(c).need_calib
   c.data.mirror_checksums = str(tmp_path / "sums.json")
   with pytest.raises(ValueError, match="only accepted together with config.data.mirror"):
-    settings.validate(c)
+    settings.parse(c)
   c.data.mirror = "ftp://host"
   with pytest.raises(ValueError, match="not an http"):
-    settings.validate(c)
+    settings.parse(c)
   c.data.mirror = "http://127.0.0.1:1"
   (tmp_path / "sums.json").write_text('{"https://a/b.zip": "xyz"}')
-  with pytest.raises(ValueError, match="sha256 hex"):
-    settings.validate(c)
+  with pytest.raises(ValueError, match="sha256 hex"):  # the file is read before any work
+    pipeline.check_inputs(settings.parse(c))
 
 
 def test_main_offline_stops_with_one_line(tmp_path, reference):

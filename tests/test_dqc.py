@@ -53,7 +53,7 @@ def test_reference_loss_and_gradients_match_authors(reference):
       jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["quant"])
   quant = bounds_file.load_bounds(reference / "ref2dq_x4_w4_random_b4.json", like)
   x = np.load(reference / "calib_x4.npz")["lr"][:4].astype(np.float32) / 255.0
-  settings = dqc_step.DQCSettings(scale=4, bits=4, loss="reference")
+  settings = run_settings.DQCSettings(scale=4, bits=4, loss="reference")
 
   grad_fn = jax.jit(jax.value_and_grad(
       lambda q: dqc_step.distillation_loss(params, q, x, settings), has_aux=True))
@@ -174,15 +174,15 @@ def test_paper_loss_against_numpy():
 
 def test_settings_are_checked():
   with pytest.raises(ValueError, match="loss"):
-    dqc_step.DQCSettings(loss="l2")
+    run_settings.DQCSettings(loss="l2")
   with pytest.raises(ValueError, match="schedule"):
-    dqc_step.DQCSettings(schedule="linear")
+    run_settings.DQCSettings(schedule="linear")
   with pytest.raises(ValueError, match="multiple of the number of devices"):
     dqc_step.check_batch_size(3, dqc_step.data_mesh([jax.devices()[0]] * 2))
 
 
 def test_cosine_schedule_is_pytorch_cosine_annealing():
-  sched = dqc_step.make_schedule(dqc_step.DQCSettings(steps=10, lr=1e-2))
+  sched = dqc_step.make_schedule(run_settings.DQCSettings(steps=10, lr=1e-2))
   for t in (0, 3, 9):
     np.testing.assert_allclose(sched(t), 1e-2 * (1 + np.cos(np.pi * t / 10)) / 2, rtol=1e-6)
 
@@ -341,8 +341,8 @@ def test_microbatches_equal_whole_batch(loss):
   params, quant = dqc_tiny.tiny_setup()
   x = jnp.asarray(np.random.default_rng(3).random((6, 16, 16, 3)), jnp.float32)
   arch = tuple(sorted(dqc_tiny.ARCH.items()))
-  whole = dqc_step.DQCSettings(scale=dqc_tiny.SCALE, bits=dqc_tiny.BITS, loss=loss, arch=arch)
-  micro = dqc_step.DQCSettings(scale=dqc_tiny.SCALE, bits=dqc_tiny.BITS, loss=loss, arch=arch,
+  whole = run_settings.DQCSettings(scale=dqc_tiny.SCALE, bits=dqc_tiny.BITS, loss=loss, arch=arch)
+  micro = run_settings.DQCSettings(scale=dqc_tiny.SCALE, bits=dqc_tiny.BITS, loss=loss, arch=arch,
                           microbatch=2)
   (l_w, aux_w), g_w = jax.jit(jax.value_and_grad(
       lambda q: dqc_step.distillation_loss(params, q, x, whole), has_aux=True))(quant)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from twodquant_jax import pipeline, workdir as wd
+from twodquant_jax import pipeline, settings, workdir as wd
 from twodquant_jax.data import benchmarks
 from twodquant_jax.data.images import load_rgb, save_png
 from twodquant_jax.eval import predict as ev
@@ -52,6 +52,11 @@ def _config(tmp_path, reference, benchmarks_dir, method="fp", **fields):
   return c
 
 
+def _run(c, workdir):
+  """A run as main.py makes it: the config parsed (and checked) first."""
+  return pipeline.run(settings.parse(c), workdir)
+
+
 # --- settings: every value checked first, named correctly (items 5, 6) -----------------------
 
 @pytest.mark.parametrize("method,field,value,message", [
@@ -74,17 +79,17 @@ def test_bad_settings_fail_before_any_work(tmp_path, reference, benchmarks, meth
     c.calib.batch_file = ""
   work = tmp_path / "w"
   with pytest.raises(ValueError, match=message):
-    pipeline.run(c, work)
+    _run(c, work)
   assert not work.exists()  # nothing written: no bounds_dobi.json, no empty results.json
 
 
 def test_missing_paths_are_named_before_any_work(tmp_path, reference, benchmarks):
   c = _config(tmp_path, reference, benchmarks, "2dquant", **{"dqc.val_root": str(tmp_path / "nv")})
   with pytest.raises(FileNotFoundError, match="config.dqc.val_root: folder not found"):
-    pipeline.run(c, tmp_path / "w")
+    _run(c, tmp_path / "w")
   c = _config(tmp_path, reference, benchmarks, **{"model.checkpoint": str(tmp_path / "no.pth")})
   with pytest.raises(FileNotFoundError, match="config.model.checkpoint: file not found"):
-    pipeline.run(c, tmp_path / "w")
+    _run(c, tmp_path / "w")
   assert not (tmp_path / "w").exists()
 
 
@@ -94,7 +99,7 @@ def test_tiny_image_is_rejected_at_load_naming_the_file(tmp_path, reference, ben
   c = _config(tmp_path, reference, benchmarks)
   save_png(tmp_path / "bench" / "Set5" / "HR" / "tiny.png", np.zeros((5, 5, 3), np.uint8))
   with pytest.raises(ValueError, match=r"tiny.png.*5x5.*minimum 20x20"):
-    pipeline.run(c, tmp_path / "w")
+    _run(c, tmp_path / "w")
   assert benchmarks_min_ok(4)
   assert not (tmp_path / "w" / "results.json").exists()
 
@@ -157,7 +162,7 @@ def test_corrupt_checkpoint_named(tmp_path, reference, benchmarks, bad):
   ck.write_bytes(data[: len(data) // 3] if bad == "truncated" else b"<html>404</html>")
   c = _config(tmp_path, reference, benchmarks, **{"model.checkpoint": str(ck)})
   with pytest.raises(CheckpointError, match=f"{bad}.pth"):
-    pipeline.run(c, tmp_path / "w")
+    _run(c, tmp_path / "w")
   import main as cli
   line = cli.fail_line(CheckpointError(f"{ck}: corrupt"))
   assert "\n" not in line and f"{bad}.pth" in line and "--config.model.checkpoint" in line
@@ -168,7 +173,7 @@ def test_bad_batch_file_named(tmp_path, reference, benchmarks):
   np.savez(bad, lr=np.zeros((2, 8, 8), np.uint8))
   c = _config(tmp_path, reference, benchmarks, "minmax", **{"calib.batch_file": str(bad)})
   with pytest.raises(ValueError, match="batch.npz.*'lr' must have shape"):
-    pipeline.run(c, tmp_path / "w")
+    _run(c, tmp_path / "w")
 
 
 # --- the workdir lock and the overwrite guard (item 7) --------------------------------------
@@ -210,7 +215,7 @@ def test_run_refuses_live_lock_before_writing(tmp_path, reference, benchmarks):
   work = tmp_path / "w"
   _lock(work, os.getppid())
   with pytest.raises(wd.WorkdirError, match="in use"):
-    pipeline.run(c, work)
+    _run(c, work)
   assert sorted(p.name for p in work.iterdir()) == [wd.LOCK_FILE]
 
 
@@ -236,6 +241,38 @@ def test_different_config_refuses_unless_overwrite(tmp_path):
   assert wd.config_differences(older, base.get_config(scale=4, bits=2).to_dict()) == []
 
 
+def test_failed_first_run_leaves_no_empty_workdir(tmp_path, reference, benchmarks):
+  """A run that fails before writing anything (here: a set missing from the cache, downloads
+  off) removes the workdir folders its claim created; a workdir that existed is kept."""
+  from twodquant_jax.data.download import DownloadError
+  c = _config(tmp_path, reference, benchmarks, **{"data.root": "", "data.download": False,
+                                                  "data.cache": str(tmp_path / "cache")})
+  work = tmp_path / "new" / "w"
+  with pytest.raises(DownloadError, match="Set5"):
+    _run(c, work)
+  assert not (tmp_path / "new").exists()
+  work.mkdir(parents=True)
+  with pytest.raises(DownloadError, match="Set5"):
+    _run(c, work)
+  assert work.is_dir() and list(work.iterdir()) == []
+
+
+def test_claim_removes_only_the_folders_it_made_and_left_empty(tmp_path):
+  new = tmp_path / "a" / "b"
+  with pytest.raises(RuntimeError):
+    with wd.claim(new, {}):
+      assert (new / wd.LOCK_FILE).is_file()
+      raise RuntimeError("failed before writing")
+  assert not (tmp_path / "a").exists()
+  with wd.claim(new, {}):
+    (new / "results.json").write_text("{}")
+  assert sorted(p.name for p in new.iterdir()) == ["results.json"]  # work kept, lock gone
+  (tmp_path / "c").mkdir()
+  with wd.claim(tmp_path / "c" / "d", {}):
+    pass
+  assert (tmp_path / "c").is_dir() and not (tmp_path / "c" / "d").exists()
+
+
 # --- DOBI reuse on resume (item 8) ----------------------------------------------------------
 
 def test_resumed_2dquant_reuses_dobi_of_the_same_identity(tmp_path, reference, benchmarks):
@@ -244,22 +281,21 @@ def test_resumed_2dquant_reuses_dobi_of_the_same_identity(tmp_path, reference, b
   lr = np.arange(2 * 8 * 8 * 3, dtype=np.uint8).reshape(2, 8, 8, 3)
   like = None  # (the run passes the model's quantizer tree; the check is tested elsewhere)
   quant = bounds_file.load_bounds(reference / "ref2dq_x4_w4_random_b4.json", like)
-  results = {"methods": {}}
-  assert not pipeline._reuse_dobi(c, params, lr, tmp_path, like, {}, results)
-  identity = results["methods"]["2dquant"]["dobi_identity"]
+  reuse = lambda c, params, lr: pipeline.reuse_start(settings.parse(c), params, lr, tmp_path,
+                                                     like, "dobi")
+  got, entry = reuse(c, params, lr)
+  assert got is None and set(entry) == {"dobi_identity"}
   bounds_file.save_bounds(tmp_path / "bounds_dobi.json", quant,
-                          {"method": "dobi", "identity": identity})
-  got, results = {}, {"methods": {}}
-  assert pipeline._reuse_dobi(c, params, lr, tmp_path, like, got, results)
-  assert results["methods"]["2dquant"]["calibration"]["reused"].endswith("bounds_dobi.json")
+                          {"method": "dobi", "identity": entry["dobi_identity"]})
+  got, entry = reuse(c, params, lr)
+  assert entry["calibration"]["reused"].endswith("bounds_dobi.json")
   flat = lambda t: np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(t)])
-  np.testing.assert_array_equal(flat(got["dobi"]), flat(quant))  # the saved bounds, exactly
+  np.testing.assert_array_equal(flat(got), flat(quant))  # the saved bounds, exactly
   # any change in what DOBI depends on: recompute
-  assert not pipeline._reuse_dobi(c, params, lr[::-1], tmp_path, like, {}, {"methods": {}})
-  assert not pipeline._reuse_dobi(c, {**params, "a": jnp.zeros(3)}, lr, tmp_path, like, {},
-                                  {"methods": {}})
+  assert reuse(c, params, lr[::-1])[0] is None
+  assert reuse(c, {**params, "a": jnp.zeros(3)}, lr)[0] is None
   c.dobi.num_candidates = 50
-  assert not pipeline._reuse_dobi(c, params, lr, tmp_path, like, {}, {"methods": {}})
+  assert reuse(c, params, lr)[0] is None
 
 
 # --- evaluation memory budget and tiling (items 2, 3) ---------------------------------------
@@ -306,10 +342,11 @@ def test_center_and_mean_blend_stitch_exactly_and_tiling_is_recorded():
   c = base.get_config()
   imgs = [BenchmarkImage("small", np.zeros((30, 30, 3), np.uint8), None),
           BenchmarkImage("large", np.zeros((100, 60, 3), np.uint8), None)]
-  assert pipeline.tiling_record(c, imgs) is None
+  assert pipeline.tiling_record(settings.parse(c), imgs) is None
   c.eval.tile = 64
-  assert pipeline.tiling_record(c, imgs) == {"tile": 64, "tile_overlap": c.eval.tile_overlap,
-                                             "tile_blend": "center", "images": ["large"]}
+  assert pipeline.tiling_record(settings.parse(c), imgs) == {
+      "tile": 64, "tile_overlap": c.eval.tile_overlap, "tile_blend": "center",
+      "images": ["large"]}
 
 
 def test_third_party_info_logs_are_filtered_but_ours_and_warnings_kept():

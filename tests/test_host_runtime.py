@@ -61,7 +61,7 @@ def test_unknown_policy_is_refused():
   with pytest.raises(ValueError, match="host_malloc"):
     host_runtime.HostSettings(malloc="jemalloc")
   with pytest.raises(ValueError, match="cpu_devices"):
-    host_runtime.HostSettings(cpu_devices=0)
+    host_runtime.HostSettings(cpu_devices=-1)  # 0 is auto
 
 
 def test_auto_cpu_devices_divides_the_batch():

@@ -10,7 +10,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from twodquant_jax import pipeline
+from twodquant_jax import pipeline, settings
 from twodquant_jax.data.images import load_rgb, save_png
 from twodquant_jax.formats import bounds_file, convert, packed
 from twodquant_jax.nn import packing
@@ -180,7 +180,8 @@ def test_pipeline_export_then_evaluate_from_file_alone(reference, benchmarks, tm
       c[section][field] = v
     return c
 
-  r1 = pipeline.run(config(model__checkpoint=str(reference / "swinir_light_x4_random.pth"),
+  run = lambda c, workdir: pipeline.run(settings.parse(c), workdir)
+  r1 = run(config(model__checkpoint=str(reference / "swinir_light_x4_random.pth"),
                            model__bounds=str(reference / "ref2dq_x4_w4_random_b4.json"),
                            export__packed=True), tmp_path / "a")
   file = tmp_path / "a" / "model_dobi_x4_w4.safetensors"
@@ -190,9 +191,9 @@ def test_pipeline_export_then_evaluate_from_file_alone(reference, benchmarks, tm
   assert f"{info['bytes']:,} bytes" in md and "32,400 relative-position-table" in md
   c2 = config(model__packed=str(file), model__checkpoint="/nonexistent.pth")
   c2.method = "2dquant"  # only names the row: no DQC runs, the bounds come from the file
-  r2 = pipeline.run(c2, tmp_path / "b")
+  r2 = run(c2, tmp_path / "b")
   c3 = config(model__packed=str(file), eval__engine="int")
-  r3 = pipeline.run(c3, tmp_path / "c")
+  r3 = run(c3, tmp_path / "c")
   d1 = r1["methods"]["dobi"]["datasets"]["Set5"]
   d2 = r2["methods"]["2dquant"]["datasets"]["Set5"]
   d3 = r3["methods"]["dobi"]["datasets"]["Set5"]
@@ -216,8 +217,9 @@ def test_config_validation(exported, monkeypatch):
       for part in key.split(".")[:-1]:
         node = node[part]
       node[key.split(".")[-1]] = value
-    with pytest.raises(ValueError, match=message):
-      pipeline.validate(c)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):  # (paths: at check)
+      pipeline.check_inputs(settings.parse(c))
   c = base.get_config(scale=4, bits=4, method="2dquant")
   c.model.packed, c.eval.engine = str(exported[0]), "int"
-  pipeline.validate(c)  # no DQC settings needed: the file's bounds are evaluated as they are
+  # no DQC settings needed: the file's bounds are evaluated as they are
+  pipeline.check_inputs(settings.parse(c))

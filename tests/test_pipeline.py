@@ -9,7 +9,7 @@ import json
 import numpy as np
 
 from configs import base
-from twodquant_jax import pipeline
+from twodquant_jax import pipeline, settings
 from twodquant_jax.data.images import load_rgb, save_png
 from twodquant_jax.eval.metrics import psnr_y
 
@@ -39,8 +39,9 @@ def test_2dquant_beats_dobi_end_to_end(tmp_path, reference, benchmarks, shared):
   c.dqc.checkpoint_every = 40
   c.dqc.log_every = 10
   c.progress = False
+  c.report.figures, c.report.visual_images, c.report.calib_patches = True, "Tiny/baby", 1
   workdir = tmp_path / "run"
-  results = pipeline.run(c, workdir)
+  results = pipeline.run(settings.parse(c), workdir)
 
   assert sorted(results["methods"]) == ["2dquant", "dobi", "fp", "minmax"]
   for m in ("minmax", "dobi", "2dquant"):
@@ -61,3 +62,11 @@ def test_2dquant_beats_dobi_end_to_end(tmp_path, reference, benchmarks, shared):
   # patches). DQC must improve on its own DOBI start by a clear margin, and DOBI on MinMax.
   assert got["2dquant"] > got["dobi"] + 2.0, got
   assert got["dobi"] > got["minmax"], got
+
+  # The report is made from what the run holds: DQC's log records (not results.json), the
+  # bounds of the DOBI -> 2DQuant chain and the kept SRs.
+  log = [json.loads(line) for line in (workdir / "dqc_log.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in log] == list(range(10, 41, 10))
+  assert "records" not in results["methods"]["2dquant"]["dqc"]
+  figs = {p.name for p in (workdir / "figures").iterdir()}
+  assert {"dqc_loss.png", "bound_percentiles.png", "visual_Tiny_baby.png"} <= figs, figs

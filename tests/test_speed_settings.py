@@ -23,8 +23,8 @@ from twodquant_jax.ptq.dqc import step as dqc_step
 def _tiny(batch: int):
   params, quant = dqc_tiny.tiny_setup()
   arch = tuple(sorted(dqc_tiny.ARCH.items()))
-  settings = dqc_step.DQCSettings(scale=dqc_tiny.SCALE, bits=dqc_tiny.BITS, arch=arch,
-                                  microbatch=dqc_step.AUTO_MICROBATCH)
+  settings = run_settings.DQCSettings(scale=dqc_tiny.SCALE, bits=dqc_tiny.BITS, arch=arch,
+                                      microbatch=run_settings.AUTO_MICROBATCH)
   lr = np.random.default_rng(0).integers(0, 256, (batch, dqc_tiny.LR_SIZE, dqc_tiny.LR_SIZE, 3),
                                          dtype=np.uint8)
   return params, quant, settings, dqc_step.data_mesh(), lr
@@ -62,15 +62,15 @@ def test_auto_microbatch_fits_the_memory_limit():
 def test_microbatch_setting_parses():
   c = dqc_tiny.tiny_config(steps=2, batch_size=4)
   assert c.dqc.microbatch == "auto"
-  assert run_settings.dqc_settings(c).microbatch == dqc_step.AUTO_MICROBATCH
+  assert run_settings.parse(c).dqc.microbatch == run_settings.AUTO_MICROBATCH
   c.dqc.microbatch = "8"  # what --config.dqc.microbatch=8 gives for a string field
-  assert run_settings.dqc_settings(c).microbatch == 8
+  assert run_settings.parse(c).dqc.microbatch == 8
   c.dqc.microbatch = "eight"
-  with pytest.raises(ValueError, match="microbatch"):
-    run_settings.dqc_settings(c)
+  with pytest.raises(ValueError, match="config.dqc.microbatch"):
+    run_settings.parse(c)
   with pytest.raises(ValueError, match="resolved"):
     dqc_step.train_step(None, np.zeros((1, 8, 8, 3), np.uint8), {},
-                        dqc_step.DQCSettings(microbatch=dqc_step.AUTO_MICROBATCH))
+                        run_settings.DQCSettings(microbatch=run_settings.AUTO_MICROBATCH))
 
 
 _CACHE_SCRIPT = textwrap.dedent("""
@@ -130,15 +130,23 @@ def test_cpu_devices_setting_resolves():
   from configs.base import get_config
   c = get_config(scale=4, bits=2)
   c.dqc.batch_size = 32
-  from twodquant_jax import host_runtime
-  assert run_settings.host_settings(c).cpu_devices == host_runtime.auto_cpu_devices(32)
+  host = lambda: run_settings.parse(c).host
+  # 'auto' (0): host_runtime splits the DQC batch of this single-process DQC run.
+  assert host() == run_settings.HostSettings("auto", cpu_devices=0, dqc_batch=32)
   c.model.bounds = "given.json"  # bounds given: no DQC, nothing to split
-  assert run_settings.host_settings(c).cpu_devices == 1
+  assert host().dqc_batch == 0
   c.model.bounds = ""
   c.method = "dobi"  # no DQC: nothing to split
-  assert run_settings.host_settings(c).cpu_devices == 1
-  c.method, c.cpu_devices = "2dquant", "3"  # as --config.cpu_devices=3 gives it (a string)
-  assert run_settings.host_settings(c).cpu_devices == 3
-  c.cpu_devices = "zero"
-  with pytest.raises(ValueError, match="cpu_devices"):
-    run_settings.host_settings(c)
+  assert host().dqc_batch == 0
+  c.method = "2dquant"
+  c.distributed.coordinator, c.distributed.num_processes = "localhost:1234", 2
+  c.distributed.process_id = 0
+  assert host().dqc_batch == 0  # a multi-process run: the processes split the batch
+  c.distributed.coordinator, c.distributed.num_processes = "", 0
+  c.distributed.process_id = -1
+  c.cpu_devices = "3"  # as --config.cpu_devices=3 gives it (a string)
+  assert host().cpu_devices == 3
+  for bad in ("zero", "0", "-1"):
+    c.cpu_devices = bad
+    with pytest.raises(ValueError, match="config.cpu_devices"):
+      host()

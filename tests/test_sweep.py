@@ -12,7 +12,7 @@ import logging
 import numpy as np
 import pytest
 
-from twodquant_jax import pipeline, sweep
+from twodquant_jax import pipeline, settings, sweep
 from shared_paths import REPO_ROOT
 from twodquant_jax.report import table3
 
@@ -33,7 +33,7 @@ def _config(**sweep_fields):
 
 
 def test_cells_and_shards():
-  all_cells = sweep.cells(sweep.sweep_settings(_config()))
+  all_cells = sweep.cells(settings.parse(_config()).sweep)
   names = [c.name for c in all_cells]
   assert names == [f"x{s}_{b}" for s in (2, 3, 4) for b in ("fp", "w2", "w3", "w4")]
   assert all(c.methods == ("fp", "bicubic") for c in all_cells if c.bits is None)
@@ -43,10 +43,20 @@ def test_cells_and_shards():
   shards = [sweep.shard_cells(all_cells, (i, 3)) for i in range(3)]
   assert sorted(c.name for s in shards for c in s) == sorted(names)
   assert [c.name for c in shards[1]] == ["x2_w2", "x3_fp", "x3_w4", "x4_w3"]
-  only = sweep.cells(sweep.sweep_settings(_config(scales="4", bits="3", methods="dobi")))
+  only = sweep.cells(settings.parse(_config(scales="4", bits="3", methods="dobi")).sweep)
   assert [(c.name, c.methods) for c in only] == [("x4_w3", ("dobi",))]
-  cfg = sweep.cell_config(_config(), sweep.Cell(3, None, ("fp",)))
-  assert (cfg.scale, cfg.bits, cfg.method) == (3, 32, "fp")
+  c = _config()
+  c.model.checkpoint = "ckpt_x{scale}.pth"
+  parsed = settings.parse(c)
+  fp = sweep.settings_of(parsed, sweep.Cell(3, None, ("fp",)))
+  assert (fp.scale, fp.bits, fp.methods, fp.dqc, fp.model.checkpoint) == (
+      3, 32, ("fp",), None, "ckpt_x3.pth")
+  given = fp.config_dict
+  assert (given["scale"], given["bits"], given["method"]) == (3, 32, "fp")
+  assert given["model"]["checkpoint"] == "ckpt_x3.pth"
+  w2 = sweep.settings_of(parsed, sweep.Cell(2, 2, ("dobi", "2dquant")))
+  assert (w2.dqc.scale, w2.dqc.bits, set(w2.calibrations)) == (2, 2, {"dobi", "2dquant"})
+  assert parsed.config_dict["model"]["checkpoint"] == "ckpt_x{scale}.pth"  # the sweep's: as given
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -59,7 +69,7 @@ def test_cells_and_shards():
 ])
 def test_bad_sweep_values(field, value, message):
   with pytest.raises(ValueError, match=message):
-    sweep.validate(_config(**{field: value}))
+    settings.parse(_config(**{field: value}))
 
 
 def test_table_marks_missing_cells():
@@ -90,11 +100,11 @@ def test_sweep_of_two_tiny_cells(tmp_path, reference, benchmarks, monkeypatch, c
   c.progress = False
 
   loads = []
-  real_load = pipeline.load_inputs
-  monkeypatch.setattr(pipeline, "load_inputs", lambda cfg, **kw: loads.append(cfg.scale) or
-                      real_load(cfg, **kw))
+  real_prepare = pipeline.prepare
+  monkeypatch.setattr(pipeline, "prepare", lambda s, **kw: loads.append(s.scale) or
+                      real_prepare(s, **kw))
   caplog.set_level(logging.INFO)
-  table = sweep.run(c, workdir)
+  table = sweep.run(settings.parse(c), workdir)
   assert loads == [4]  # the checkpoint is read once for both cells of the scale
 
   # The combined table is the cells' results.json, row for row.
@@ -116,7 +126,7 @@ def test_sweep_of_two_tiny_cells(tmp_path, reference, benchmarks, monkeypatch, c
   # A rerun skips both cells (nothing is read or run) and rebuilds the same table.
   caplog.clear()
   before = {p: p.stat().st_mtime_ns for p in workdir.glob("*/results.json")}
-  assert sweep.run(c, workdir) == table
+  assert sweep.run(settings.parse(c), workdir) == table
   assert loads == [4]
   assert {p: p.stat().st_mtime_ns for p in workdir.glob("*/results.json")} == before
   skipped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping")]
@@ -127,7 +137,7 @@ def test_sweep_of_two_tiny_cells(tmp_path, reference, benchmarks, monkeypatch, c
   results = json.loads((workdir / "x4_w2" / "results.json").read_text())
   (workdir / "x4_w2" / "results.json").write_text(json.dumps({**results, "complete": False}))
   c.sweep.collect = True
-  table = sweep.run(c, workdir)
+  table = sweep.run(settings.parse(c), workdir)
   assert table["missing"] == ["x4_w2"] and loads == [4]
   assert "Missing cells (no finished results.json): x4_w2." in (workdir / "table3.md").read_text()
 

@@ -13,47 +13,17 @@ JAX distributed service detected fatal errors ... another task died" (exit statu
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import re
 from typing import Any
 
 import jax
 import numpy as np
 from absl import logging
 
+from twodquant_jax.settings import DistributedSettings
+
 # Environment variables that JAX's cluster auto-detection reads (besides its own).
 _CLUSTER_HINT_VARS = ("JAX_COORDINATOR_ADDRESS",)
-
-
-@dataclasses.dataclass(frozen=True)
-class DistributedSettings:
-  """How to join a multi-process run (config.distributed)."""
-  coordinator: str = ""  # HOST:PORT of process 0's coordination service; "" = auto-detect
-  num_processes: int = 0  # with coordinator: the number of processes
-  process_id: int = -1  # with coordinator: this process's index in [0, num_processes)
-  timeout_s: int = 100  # a peer silent this long (heartbeats) stops the others
-  init_timeout_s: int = 300  # how long to wait for all processes to join (and to leave)
-  auto: bool = True  # with no coordinator: use JAX's cluster auto-detection if a cluster is found
-
-  def __post_init__(self):
-    if self.timeout_s < 1 or self.init_timeout_s < 1:
-      raise ValueError(f"config.distributed.timeout_s and init_timeout_s must be >= 1, got "
-                       f"{self.timeout_s}, {self.init_timeout_s}")
-    if not self.coordinator:
-      if self.num_processes or self.process_id >= 0:
-        raise ValueError("config.distributed.num_processes / process_id need "
-                         "config.distributed.coordinator=HOST:PORT")
-      return
-    if not re.fullmatch(r"\[?[\w.:-]+\]?:\d+", self.coordinator):
-      raise ValueError(f"config.distributed.coordinator must be HOST:PORT, got "
-                       f"{self.coordinator!r}")
-    if self.num_processes < 1:
-      raise ValueError(f"config.distributed.num_processes must be >= 1 with a coordinator, got "
-                       f"{self.num_processes}")
-    if not 0 <= self.process_id < self.num_processes:
-      raise ValueError(f"config.distributed.process_id must be in [0, {self.num_processes}), got "
-                       f"{self.process_id}")
 
 
 def detected_cluster() -> str | None:

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -42,7 +41,9 @@ from typing import Mapping
 import jax
 from absl import logging
 
-POLICIES = ("auto", "tcmalloc", "keep", "system")
+from twodquant_jax.settings import MALLOC_POLICIES, HostSettings
+
+POLICIES = MALLOC_POLICIES
 TCMALLOC_ENV = "TWODQUANT_TCMALLOC"  # a user's libtcmalloc path (otherwise it is searched for)
 PRELOADED_ENV = "TWODQUANT_PRELOADED"  # set on the re-executed process: what it preloaded
 _TCMALLOC_NAMES = ("tcmalloc_minimal", "tcmalloc")
@@ -185,26 +186,13 @@ def auto_cpu_devices(batch_size: int, cores: int | None = None) -> int:
   return max(d for d in range(1, cap + 1) if batch_size % d == 0)
 
 
-@dataclasses.dataclass(frozen=True)
-class HostSettings:
-  """config.host_malloc and the resolved config.cpu_devices (settings.host_settings)."""
-  malloc: str = "auto"
-  cpu_devices: int = 1
-
-  def __post_init__(self):
-    if self.malloc not in POLICIES:
-      raise ValueError(f"config.host_malloc must be one of {POLICIES}, got {self.malloc!r}")
-    if isinstance(self.cpu_devices, bool) or not isinstance(self.cpu_devices, int) or \
-        self.cpu_devices < 1:
-      raise ValueError(f"config.cpu_devices must be 'auto' or a positive int, got "
-                       f"{self.cpu_devices!r}")
-
-
 def apply(settings: HostSettings) -> dict:
   """Applies both settings; returns what took effect. Call before anything touches a device:
   with malloc 'auto' or 'tcmalloc' it may re-execute the process first (`preload_allocator`)."""
   preload_allocator(settings.malloc)
   malloc = apply_malloc(settings.malloc)
-  if settings.cpu_devices > 1:
-    jax.config.update("jax_num_cpu_devices", settings.cpu_devices)
-  return {"malloc": malloc, "cpu_devices": settings.cpu_devices}
+  devices = settings.cpu_devices or (auto_cpu_devices(settings.dqc_batch)
+                                     if settings.dqc_batch >= 1 else 1)
+  if devices > 1:
+    jax.config.update("jax_num_cpu_devices", devices)
+  return {"malloc": malloc, "cpu_devices": devices}

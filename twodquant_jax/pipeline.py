@@ -1,8 +1,10 @@
 """The job `main.py` runs: load the model, get bounds (calibrate / DQC / load), evaluate, report.
 
 Data flows one way: checkpoint -> FP params; calibration images -> bounds (DOBI, DQC);
-benchmarks -> SR images -> PSNR/SSIM -> results.json / results.md / figures in the workdir.
-`results.json` is rewritten after every method, so an interrupted comparison keeps what it did.
+benchmarks -> SR images -> PSNR/SSIM -> a `RunRecord` -> results.json / results.md / figures in
+the workdir. `run` takes parsed `RunSettings` (settings.parse); `check_inputs` and `prepare` are
+its explicit I/O steps (paths, downloads, loading). results.json is rewritten after every
+method, so an interrupted comparison keeps what it did.
 """
 
 from __future__ import annotations
@@ -14,145 +16,228 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 
-from twodquant_jax import distributed
-from twodquant_jax.report import inputs as figure_inputs
-from twodquant_jax import compile_cache, host_runtime
-from twodquant_jax import settings as run_settings
+from twodquant_jax import compile_cache, distributed, files, host_runtime
+from twodquant_jax import methods as method_registry
 from twodquant_jax import workdir as workdir_guard
-from twodquant_jax.data import patches
+from twodquant_jax.data import download, fetch, patches
 from twodquant_jax.data.benchmarks import load_benchmark
 from twodquant_jax.data.images import save_png
 from twodquant_jax.eval import predict as evaluate
 from twodquant_jax.eval import ratios, validation
 from twodquant_jax.formats import bounds_file, convert, packed
-from twodquant_jax.data import download
-from twodquant_jax.nn.swinir import SwinIR, variable_shapes
-from twodquant_jax import methods as method_registry
 from twodquant_jax.nn import names as qnames
+from twodquant_jax.nn.swinir import SwinIR, variable_shapes
+from twodquant_jax.ptq import dobi_reuse, stats
 from twodquant_jax.ptq.dobi import calibrate_many
 from twodquant_jax.ptq.dqc import checkpoint as dqc_checkpoint
 from twodquant_jax.ptq.dqc import loop as dqc_loop
+from twodquant_jax.ptq.dqc import step as dqc_step
 from twodquant_jax.report import figures
+from twodquant_jax.report import inputs as figure_inputs
 from twodquant_jax.report import tables as report
-from twodquant_jax.settings import calib_settings, dataset_names, methods_of, validate
+from twodquant_jax.report.record import MethodRecord, RunRecord
+from twodquant_jax.settings import RunSettings, calibration_images_needed
 
-def default_workdir(config: ml_collections.ConfigDict) -> Path:
-  bits = "" if config.method in ("fp", "bicubic") else f"_w{config.bits}"
-  return Path("runs") / f"x{config.scale}{bits}_{config.method}"
+
+def default_workdir(settings: RunSettings) -> Path:
+  bits = f"_w{settings.bits}" if settings.quantized else ""
+  return Path("runs") / f"x{settings.scale}{bits}_{settings.method_spec}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs: checked before any work, then read (the explicit I/O steps of a run).
+
+
+def _mirror_checksums(path: str) -> tuple[tuple[str, str], ...]:
+  """The {original URL: sha256} JSON file of data.mirror_checksums, checked."""
+  try:
+    data = json.loads(Path(path).expanduser().read_text())
+  except (OSError, ValueError) as e:
+    raise ValueError(f"config.data.mirror_checksums: cannot read {path} as JSON ({e})") from e
+  if not isinstance(data, dict) or not all(
+      isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+      for v in data.values()):
+    raise ValueError(f"config.data.mirror_checksums: {path} must hold {{\"<original URL>\": "
+                     "\"<sha256 hex>\"}")
+  return tuple(sorted((str(k), v) for k, v in data.items()))
+
+
+def check_inputs(settings: RunSettings) -> RunSettings:
+  """Every file or folder the run will read exists (FileNotFoundError naming the field) and the
+  small ones parse (the calibration batch file, data.mirror_checksums), so a typo fails in a
+  second, before the workdir is touched. Returns the settings with the mirror digests read."""
+  s, quantized = settings, bool(settings.quantized)
+  calibrates = quantized and not s.model.bounds
+  wanted = [("model.packed", s.model.packed, "file"),
+            ("model.checkpoint", "" if s.model.packed else s.model.checkpoint, "file"),
+            ("model.bounds", s.model.bounds, "file"),
+            ("data.root", s.data.root, "dir")]
+  if calibrates:
+    wanted += [("calib.batch_file", s.calib.batch_file, "file")]
+    if not s.calib.batch_file:
+      wanted += [("calib.root", s.calib.root, "dir")]
+  if s.dqc is not None:
+    wanted += [("calib.root", s.calib.root, "dir"), ("dqc.val_root", s.validation.root, "dir")]
+  for field, value, kind in wanted:
+    if not value:
+      continue
+    path = Path(str(value)).expanduser()
+    if not (path.is_file() if kind == "file" else path.is_dir()):
+      raise FileNotFoundError(f"config.{field}: {'file' if kind == 'file' else 'folder'} "
+                              f"not found: {path}")
+  if calibrates and s.calib.batch_file:
+    patches.load_batch_file(s.calib.batch_file)  # small: a bad one fails now, named
+  if s.data.mirror_checksums_file and not s.data.mirror_checksums:
+    data = dataclasses.replace(s.data,
+                               mirror_checksums=_mirror_checksums(s.data.mirror_checksums_file))
+    s = dataclasses.replace(s, data=data)
+  return s
 
 
 @dataclasses.dataclass(frozen=True)
 class Inputs:
   """What a run reads before any work: FP params, bounds stored in the checkpoint, the
-  checkpoint's path, the benchmarks and (optionally) the calibration batch. A sweep loads them
-  once per scale and shares them between the cells of that scale."""
+  checkpoint's path, the local data roots, the benchmarks and (optionally) the calibration
+  batch. A sweep reads them once per scale and shares them between the cells of that scale."""
   params: dict
   ckpt_bounds: dict
   ckpt_path: Path
+  roots: fetch.DataRoots
   datasets: dict
   calib_lr: np.ndarray | None = None  # None: made when needed
-  local: ml_collections.ConfigDict | None = None  # the loading config, data roots made local
 
 
-def load_inputs(config: ml_collections.ConfigDict, calibration: bool = False) -> Inputs:
-  """Reads the checkpoint and the benchmarks of `config` (its scale and eval.datasets), and
-  with `calibration` the calibration batch too (it depends on the scale, not the bits)."""
-  params, ckpt_bounds, ckpt_path = load_params(config)
-  config = run_settings.with_local_data(config, has_bounds=bool(ckpt_bounds))  # downloads
-  datasets = {n: load_benchmark(config.data.root, n, config.scale)  # bad images fail first
-              for n in dataset_names(config)}
-  calib_lr = calibration_batch(config) if calibration and not config.model.bounds else None
-  return Inputs(params, ckpt_bounds, ckpt_path, datasets, calib_lr, config)
+def prepare(settings: RunSettings, calibration: bool = False) -> Inputs:
+  """Reads the checkpoint (downloading the official one if none is given), resolves the data
+  roots (downloading missing sets), reads the benchmarks and, with `calibration`, the
+  calibration batch (it depends on the scale, not the bits)."""
+  params, ckpt_bounds, ckpt_path = load_params(settings)
+  calibration = calibration and not settings.model.bounds
+  roots = resolve_data(settings, has_bounds=bool(ckpt_bounds), calibration=calibration)
+  datasets = {n: load_benchmark(roots.data_root, n, settings.scale)  # bad images fail first
+              for n in roots.datasets}
+  calib_lr = calibration_batch(settings, roots.calib_root) if calibration else None
+  return Inputs(params, ckpt_bounds, ckpt_path, roots, datasets, calib_lr)
 
 
-def load_params(config: ml_collections.ConfigDict) -> tuple[dict, dict, Path]:
+def resolve_data(settings: RunSettings, has_bounds: bool = False, calibration: bool = False
+                 ) -> fetch.DataRoots:
+  """The run's local benchmark root, calibration folder and available sets (data/fetch.py);
+  `has_bounds`: the checkpoint holds bounds, so no calibration images are read;
+  `calibration`: the calibration batch is read now (a sweep's shared inputs) even if these
+  settings' own methods would not read it."""
+  need = calibration_images_needed(settings.methods, settings.calib.batch_file,
+                                   settings.bounds_given or has_bounds)
+  need = need or (calibration and not settings.calib.batch_file)
+  return fetch.resolve(dataclasses.replace(settings.data, need_calib=need))
+
+
+def with_roots(settings: RunSettings, roots: fetch.DataRoots) -> RunSettings:
+  """The settings with the resolved local data roots and available sets (pure)."""
+  s = settings
+  return dataclasses.replace(
+      s, data=dataclasses.replace(s.data, root=str(roots.data_root),
+                                  calib_root=str(roots.calib_root)),
+      calib=dataclasses.replace(s.calib, root=str(roots.calib_root)),
+      loop=dataclasses.replace(s.loop, calib_root=str(roots.calib_root)) if s.loop else None,
+      eval=dataclasses.replace(s.eval, datasets=tuple(roots.datasets)))
+
+
+def load_params(settings: RunSettings) -> tuple[dict, dict, Path]:
   """FP params of the checkpoint (local path or the official download) and any bounds in it;
   with `model.packed`, the packed file's (dequantized) params and its bounds instead."""
-  if config.model.packed:
-    params, quant, _ = packed.load_packed(config.model.packed, config.scale, config.bits)
+  s = settings
+  if s.model.packed:
+    params, quant, _ = packed.load_packed(s.model.packed, s.scale, s.bits)
     return (jax.tree_util.tree_map(jnp.asarray, params), qnames.tree_to_dict(quant),
-            Path(config.model.packed))
-  path = convert.resolve_checkpoint(config.model.checkpoint or None, config.scale,
-                                    config.model.cache_dir or None, mirror=config.data.mirror,
-                                    progress=_progress(config),
-                                    download_ok=bool(config.data.download),
-                                    mirror_digests=run_settings.mirror_digests(config))
-  shapes = variable_shapes(config.scale)["params"]
-  params, bounds = convert.load_checkpoint(path, config.scale, shapes)
+            Path(s.model.packed))
+  path = convert.resolve_checkpoint(s.model.checkpoint or None, s.scale,
+                                    s.model.cache_dir or None, mirror=s.data.mirror,
+                                    progress=_progress(s), download_ok=s.data.download,
+                                    mirror_digests=dict(s.data.mirror_checksums))
+  shapes = variable_shapes(s.scale)["params"]
+  params, bounds = convert.load_checkpoint(path, s.scale, shapes)
   return jax.tree_util.tree_map(jnp.asarray, params), bounds, path
 
 
-def calibration_batch(config: ml_collections.ConfigDict) -> np.ndarray:
-  """The uint8 LR calibration batch: a given .npz, else the first batch of the training stream."""
-  if config.calib.batch_file:
-    return patches.load_batch_file(config.calib.batch_file)["lr"]
-  source = patches.load_patch_source(config.calib.root, config.calib.lr_size * config.scale)
-  return patches.calibration_batch(source, config.seed, scale=config.scale,
-                                   batch_size=config.calib.num_patches,
-                                   lr_size=config.calib.lr_size, augment=config.calib.augment)["lr"]
+def calibration_batch(settings: RunSettings, calib_root: str | Path | None = None
+                      ) -> np.ndarray:
+  """The uint8 LR calibration batch: a given .npz, else the first batch of the training stream
+  (of `calib_root`, default calib.root)."""
+  c = settings.calib
+  if c.batch_file:
+    return patches.load_batch_file(c.batch_file)["lr"]
+  source = patches.load_patch_source(calib_root or c.root, c.lr_size * settings.scale)
+  return patches.calibration_batch(source, settings.seed, scale=settings.scale,
+                                   batch_size=c.num_patches, lr_size=c.lr_size,
+                                   augment=c.augment)["lr"]
 
 
-def sr_predictor(config: ml_collections.ConfigDict, params: dict, quant: dict | None
-                 ) -> evaluate.Predictor:
+# ---------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def sr_predictor(settings: RunSettings, params: dict, quant: dict | None) -> evaluate.Predictor:
   """A Predictor for the FP model (quant None) or the fake-quantized one with these bounds."""
+  s, e = settings, settings.eval
   if quant is None:
-    fn, variables = evaluate.jitted_apply(config.scale), {"params": params}
+    fn, variables = evaluate.jitted_apply(s.scale), {"params": params}
   else:
-    mode = "int" if config.eval.engine == "int" else "quant"  # integer engine or fake-quant
-    fn = evaluate.jitted_apply(config.scale, mode, config.bits)
+    mode = "int" if e.engine == "int" else "quant"  # integer engine or fake-quant
+    fn = evaluate.jitted_apply(s.scale, mode, s.bits)
     variables = {"params": params, "quant": quant}
-  return evaluate.Predictor(fn, config.scale, batch_size=config.eval.batch_size,
-                            tile=config.eval.tile or None, tile_overlap=config.eval.tile_overlap,
-                            variables=variables, batch_pixels=config.eval.batch_pixels or None,
-                            tile_blend=config.eval.tile_blend)
+  return evaluate.Predictor(fn, s.scale, batch_size=e.batch_size, tile=e.tile or None,
+                            tile_overlap=e.tile_overlap, variables=variables,
+                            batch_pixels=e.batch_pixels or None, tile_blend=e.tile_blend)
 
 
-def evaluate_method(config, method: str, predict, datasets: dict, workdir: Path,
-                    kept: dict | None = None) -> dict:
+def evaluate_method(settings: RunSettings, method: str, predict, datasets: dict, workdir: Path,
+                    kept: dict | None = None, tiled: bool = True) -> dict:
   """PSNR/SSIM of `method` on every dataset; SR images are saved (eval.save_sr) and those of
-  the visual-comparison images kept in `kept[(dataset, image)][method]` for the figures."""
+  the visual-comparison images kept in `kept[(dataset, image)][method]` for the figures.
+  `tiled`: the predictor cuts large images into eval.tile tiles (recorded per dataset)."""
   out = {}
-  keep = set(run_settings.figure_settings(config).visual_images) if kept is not None else set()
+  keep = set(settings.figures.visual_images) if kept is not None and settings.figures else set()
   for name, images in datasets.items():
     folder = workdir / "sr" / method / name
 
     def on_image(img, sr, folder=folder, name=name):
-      if config.eval.save_sr and distributed.is_primary():
+      if settings.eval.save_sr and distributed.is_primary():
         save_png(folder / f"{img.name}.png", sr)
       if (name, img.name) in keep:
         kept.setdefault((name, img.name), {})[method] = sr
-    res = evaluate.evaluate_images(predict, images, config.scale, chunk=config.eval.batch_size,
-                                   progress=_progress(config), desc=f"{method} {name}",
-                                   on_image=on_image)
-    res["tiled"] = tiling_record(config, images) if method != "bicubic" else None
+    res = evaluate.evaluate_images(predict, images, settings.scale,
+                                   chunk=settings.eval.batch_size, progress=_progress(settings),
+                                   desc=f"{method} {name}", on_image=on_image)
+    res["tiled"] = tiling_record(settings, images) if tiled else None
     logging.info("%-10s %-9s PSNR %.2f dB  SSIM %.4f  (%d images, %.1f s)", method, name,
                  res["psnr"], res["ssim"], res["num_images"], res["seconds"])
     out[name] = res
   return out
 
 
-def tiling_record(config: ml_collections.ConfigDict, images) -> dict | None:
+def tiling_record(settings: RunSettings, images) -> dict | None:
   """How a dataset's numbers were made: None = whole images, else the tile, overlap and the
   names of the images that were cut into tiles (tiled PSNR is a little lower, see README)."""
-  tile = int(config.eval.tile or 0)
+  e = settings.eval
+  tile = int(e.tile or 0)
   names = [im.name for im in images
            if tile and max(-(-s // 8) * 8 for s in im.lr.shape[:2]) > tile]
   if not names:
     return None
-  return {"tile": tile, "tile_overlap": int(config.eval.tile_overlap),
-          "tile_blend": str(config.eval.tile_blend), "images": names}
+  return {"tile": tile, "tile_overlap": int(e.tile_overlap), "tile_blend": str(e.tile_blend),
+          "images": names}
 
 
-def _progress(config) -> bool:
-  return bool(config.progress) and sys.stderr.isatty()
+def _progress(settings: RunSettings) -> bool:
+  return settings.progress and sys.stderr.isatty()
 
 
 def _environment() -> dict[str, Any]:
@@ -162,203 +247,246 @@ def _environment() -> dict[str, Any]:
           "host_malloc": "tcmalloc" if host_runtime.loaded_tcmalloc() else "glibc"}
 
 
-def write_results(workdir: Path, results: dict) -> None:
-  """results.json (atomically) and results.md; only process 0 writes in a multi-process run."""
+def write_results(workdir: Path, record: RunRecord) -> None:
+  """results.json and results.md, atomically; only process 0 writes in a multi-process run."""
   if not distributed.is_primary():
     return
-  workdir.mkdir(parents=True, exist_ok=True)
-  tmp = workdir / "results.json.tmp"
-  tmp.write_text(json.dumps(results, indent=1, default=float))
-  tmp.replace(workdir / "results.json")
-  (workdir / "results.md").write_text(report.results_markdown(results))
+  results = record.to_json()
+  files.write_json(workdir / "results.json", results)
+  files.atomic_write(workdir / "results.md", report.results_markdown(results))
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None, *,
+# ---------------------------------------------------------------------------------------------
+# The run.
+
+
+def run(settings: RunSettings, workdir: str | Path | None = None, *,
         inputs: Inputs | None = None) -> dict:
-  """Runs the configured method(s) end to end and writes the workdir; returns the results.
+  """Runs the configured method(s) end to end and writes the workdir; returns the results (as
+  written to results.json).
 
-  Every setting and input path is checked first; the workdir is locked for the run and a
-  different run's results are not replaced unless config.overwrite (twodquant_jax/workdir.py).
-  `inputs`: the checkpoint and benchmarks already loaded for this config (a sweep's cells
-  share them); None reads them. results.json says "complete": true only once all is done.
+  Every input path is checked first; the workdir is locked for the run and a different run's
+  results are not replaced unless config.overwrite (twodquant_jax/workdir.py). `inputs`: the
+  checkpoint and benchmarks already read for these settings (a sweep's cells share them); None
+  reads them. results.json says "complete": true only once all is done.
   """
-  validate(config)
-  run_settings.check_paths(config)
-  compile_cache.enable(config.compile_cache)
-  workdir = Path(workdir) if workdir else default_workdir(config)
+  settings = check_inputs(settings)
+  compile_cache.enable(settings.compile_cache)
+  workdir = Path(workdir) if workdir else default_workdir(settings)
   if not distributed.is_primary():  # process 0 holds the lock and writes; the others compute
-    return _run(config, workdir, inputs)
-  with workdir_guard.claim(workdir, config.to_dict(), overwrite=bool(config.overwrite)):
-    return _run(config, workdir, inputs)
+    return _run(settings, workdir, inputs)
+  with workdir_guard.claim(workdir, settings.config_dict, overwrite=settings.overwrite):
+    return _run(settings, workdir, inputs)
 
 
-def _run(config: ml_collections.ConfigDict, workdir: Path, inputs: Inputs | None) -> dict:
+def _run(settings: RunSettings, workdir: Path, inputs: Inputs | None) -> dict:
   t_start = time.perf_counter()
-  with jax.default_matmul_precision(config.matmul_precision):
-    given = config.to_dict()  # as the user gave it: what a rerun is compared with
-    if inputs is None:  # loaded here: its data roots are already this run's
-      inputs = load_inputs(config)
-      config = inputs.local
+  with jax.default_matmul_precision(settings.matmul_precision):
+    if inputs is None:  # read here: its data roots are this run's
+      inputs = prepare(settings)
+      roots = inputs.roots
     else:  # shared by a sweep's cells: this cell's roots (a cache check; fetches what it lacks)
-      config = run_settings.with_local_data(config, has_bounds=bool(inputs.ckpt_bounds))
-    params, ckpt_bounds, ckpt_path = inputs.params, inputs.ckpt_bounds, inputs.ckpt_path
-    datasets = inputs.datasets
-    results: dict[str, Any] = {
-        "complete": False, "config": given, "checkpoint": str(ckpt_path),
-        "data": {"root": config.data.root, "calib_root": config.calib.root,
-                 "datasets": list(datasets)},
-        "scale": config.scale,
-        "bits": config.bits, "methods": {}, "environment": _environment(),
-        "ratios": ratios.ratios(params, SwinIR(upscale=config.scale), config.bits),
-    }
+      roots = resolve_data(settings, has_bounds=bool(inputs.ckpt_bounds))
+    s = with_roots(settings, roots)
+    params, datasets = inputs.params, inputs.datasets
+    record = RunRecord(
+        config=dict(settings.config_dict), checkpoint=str(inputs.ckpt_path),
+        data={"root": s.data.root, "calib_root": s.calib.root, "datasets": list(datasets)},
+        scale=s.scale, bits=s.bits, environment=_environment(),
+        ratios=ratios.ratios(params, SwinIR(upscale=s.scale), s.bits))
+    for method in s.methods:  # rows in the paper's order
+      record.method(method)
     calib_lr = functools.cache(
-        lambda: inputs.calib_lr if inputs.calib_lr is not None else calibration_batch(config))
-    bounds = _initial_bounds(config, params, ckpt_bounds, results, calib_lr, workdir)
-    kept: dict = {} if config.report.figures else None
-    for method in methods_of(config):
+        lambda: inputs.calib_lr if inputs.calib_lr is not None else calibration_batch(s))
+    bounds = _initial_bounds(s, params, inputs.ckpt_bounds, record, calib_lr, workdir)
+    dqc_records: list[dict] = []
+    kept: dict | None = {} if s.figures else None
+    for method in s.methods:
       t0 = time.perf_counter()
-      entry = results["methods"].setdefault(method, {})
+      entry, spec = record.method(method), method_registry.REGISTRY[method]
       quant = None
-      if method == "bicubic":
-        predict = evaluate.bicubic_predict(config.scale)
+      if not spec.network:
+        predict = evaluate.bicubic_predict(s.scale)
       else:
-        if method == "2dquant" and "2dquant" not in bounds:
-          if "dobi" not in methods_of(config) and distributed.is_primary():  # keep the start
-            bounds_file.save_bounds(workdir / "bounds_dobi.json", bounds["dobi"],
-                                {"method": "dobi", "bits": config.bits, "scale": config.scale,
-                                 "identity": entry.get("dobi_identity")})
-          bounds["2dquant"], entry["dqc"] = run_dqc(config, params, bounds["dobi"], workdir)
+        if spec.dqc and method not in bounds:
+          bounds[method], entry.dqc = refine(s, method, params, bounds, entry, workdir)
+          dqc_records = entry.dqc.pop("records", [])
         quant = bounds.get(method)
         if quant is not None:
-          entry["bounds_file"] = _save_bounds(config, workdir, method, quant)
-          entry["engine"] = config.eval.engine
-          if config.export.packed:
-            entry["packed"] = _export_packed(config, workdir, method, params, quant, ckpt_path,
-                                             results["ratios"])
-        predict = sr_predictor(config, params, quant).predict
-      entry["datasets"] = evaluate_method(config, method, predict, datasets, workdir, kept)
-      entry["seconds"] = time.perf_counter() - t0
-      results["seconds_total"] = time.perf_counter() - t_start
-      write_results(workdir, results)
-    if config.report.figures and distributed.is_primary():
-      make_figures(config, workdir, results, params, datasets, calib_lr, kept)
-  results["seconds_total"] = time.perf_counter() - t_start
-  results["complete"] = True
-  write_results(workdir, results)
-  return results
+          entry.bounds_file = _save_bounds(s, workdir, method, quant)
+          entry.engine = s.eval.engine
+          if s.export_packed:
+            entry.packed = _export_packed(s, workdir, method, params, quant, inputs.ckpt_path,
+                                          record.ratios)
+        predict = sr_predictor(s, params, quant).predict
+      entry.datasets = evaluate_method(s, method, predict, datasets, workdir, kept,
+                                       tiled=spec.network)
+      entry.seconds = time.perf_counter() - t0
+      record.seconds_total = time.perf_counter() - t_start
+      write_results(workdir, record)
+    if s.figures and distributed.is_primary():
+      make_figures(s, workdir, record, params, bounds, datasets, calib_lr, kept, dqc_records)
+  record.seconds_total = time.perf_counter() - t_start
+  record.complete = True
+  write_results(workdir, record)
+  return record.to_json()
 
 
-def make_figures(config: ml_collections.ConfigDict, workdir: Path, results: dict, params: dict,
-                 datasets: dict, calib_lr, kept: dict | None = None) -> list[str]:
-  """Hands what the run computed to the report figures (<workdir>/figures/*.png)."""
+def refine(settings: RunSettings, method: str, params: dict, bounds: dict[str, dict],
+           entry: MethodRecord, workdir: Path) -> tuple[dict, dict]:
+  """DQC of `method` from its start's bounds (kept as bounds_<start>.json when the start is no
+  row of the run: a resumed run reuses it, the figures show it)."""
+  start = method_registry.REGISTRY[method].init_from
+  if start not in settings.methods:
+    entry.start_bounds_file = f"bounds_{start}.json"
+    if distributed.is_primary():
+      bounds_file.save_bounds(workdir / entry.start_bounds_file, bounds[start],
+                              {"method": start, "bits": settings.bits, "scale": settings.scale,
+                               "identity": entry.dobi_identity})
+  return run_dqc(settings, params, bounds[start], workdir)
+
+
+def make_figures(settings: RunSettings, workdir: Path, record: RunRecord, params: dict,
+                 bounds: dict[str, dict], datasets: dict, calib_lr: Callable[[], np.ndarray],
+                 kept: dict | None, dqc_records: list[dict]) -> list[str]:
+  """The report figures (<workdir>/figures/*.png) from what the run holds in memory; the tensor
+  statistics are also saved so the workdir can be re-plotted (report.inputs.from_workdir)."""
+  fig = settings.figures
   try:
     lr = calib_lr()
+    lr = lr[:fig.calib_patches] if fig.calib_patches > 0 else lr
   except (OSError, ValueError) as e:
     logging.info("figures: no calibration batch (%s)", e)
     lr = None
-  inputs = figure_inputs.collect(run_settings.figure_settings(config), workdir, results,
-                                 params=params, calib_lr=lr, datasets=datasets,
-                                 default_method=config.method, kept_srs=kept)
-  return figures.write_all(inputs, workdir / "figures")
+  order = {m: k for k, m in enumerate(method_registry.ALL)}
+  all_bounds = {m: qnames.tree_to_dict(b)
+                for m, b in sorted(bounds.items(), key=lambda kv: order[kv[0]])}
+  shown = {m: b for m, b in all_bounds.items() if m in method_registry.dqc_chain()}
+  known = set(qnames.quantizer_order())
+  unknown = [n for n in fig.hist_quantizers if n not in known]
+  if unknown:
+    logging.warning("figures: report.hist_quantizers: unknown quantizer(s) %s", unknown)
+  hist_names = [n for n in fig.hist_quantizers if n in known]
+  hists, pct, num_patches = {}, {}, 0
+  if lr is not None and (hist_names or shown):
+    hists, pct = stats.tensor_stats(params, settings.scale, lr, shown, hist_names, all_bounds)
+    num_patches = len(lr)
+  inputs = figure_inputs.collect(fig, results=record.to_json(), bounds=all_bounds,
+                                 dqc_records=dqc_records, kept_srs=kept, datasets=datasets,
+                                 hists=hists, percentiles=pct, num_patches=num_patches)
+  paths = figures.write_all(inputs, workdir / "figures")
+  figure_inputs.save_stats(workdir, hists, pct, num_patches)
+  return paths
 
 
-def _initial_bounds(config, params, ckpt_bounds, results, calib_lr, workdir: Path | None = None
+def _initial_bounds(settings: RunSettings, params: dict, ckpt_bounds: dict, record: RunRecord,
+                    calib_lr: Callable[[], np.ndarray], workdir: Path | None = None
                     ) -> dict[str, dict]:
   """Bounds before DQC for the methods to run: loaded from a file or the checkpoint when given,
-  else MinMax / Percentile / DOBI (also DOBI for 2DQuant) from ONE capture pass of the FP model
-  on the calibration batch. Records where they came from in results['methods']."""
-  methods = methods_of(config)
-  wanted = {m for m in methods if method_registry.REGISTRY[m].quantized}
-  if not wanted:
+  else MinMax / Percentile / DOBI (also DOBI as the start of 2DQuant) from ONE capture pass of
+  the FP model on the calibration batch. Records where they came from."""
+  s = settings
+  if not s.quantized:
     return {}
-  like = variable_shapes(config.scale, "quant", config.bits)["quant"]
+  like = variable_shapes(s.scale, "quant", s.bits)["quant"]
   given = None
-  if config.model.bounds:
-    given, source = bounds_file.load_bounds(config.model.bounds, like), config.model.bounds
+  if s.model.bounds:
+    given, source = bounds_file.load_bounds(s.model.bounds, like), s.model.bounds
   elif ckpt_bounds:
-    given, source = qnames.dict_to_tree(ckpt_bounds, like), config.model.packed or "checkpoint"
-  bounds: dict[str, dict] = {}
+    given, source = qnames.dict_to_tree(ckpt_bounds, like), s.model.packed or "checkpoint"
   if given is not None:
     # Given bounds are evaluated as they are (2DQuant: the calibrated model, no further DQC).
-    for m in wanted:
-      bounds[m] = given
-      results["methods"].setdefault(m, {})["bounds_from"] = str(source)
-    return bounds
-  if "2dquant" in wanted:
-    wanted.add("dobi")
-  init = sorted(wanted - {"2dquant"})
-  if not init:
-    return bounds
+    for m in s.quantized:
+      record.method(m).bounds_from = str(source)
+    return {m: given for m in s.quantized}
+  bounds: dict[str, dict] = {}
+  init = list(method_registry.calibrations_needed(s.quantized))
   lr = calib_lr()
-  if "2dquant" in wanted and "dobi" not in methods and workdir is not None:
-    if _reuse_dobi(config, params, lr, workdir, like, bounds, results):
-      init.remove("dobi")
+  for refined in (m for m in s.quantized if method_registry.REGISTRY[m].dqc):
+    start = method_registry.REGISTRY[refined].init_from
+    if start not in s.methods and start in init and workdir is not None:
+      reused, entry = reuse_start(s, params, lr, workdir, like, start)
+      record.methods[refined] = dataclasses.replace(record.method(refined), **entry)
+      if reused is not None:
+        bounds[start] = reused
+        init.remove(start)
   if not init:
     return bounds
-  calibrated = calibrate_many(params, config.scale, lr,
-                              {m: (config.bits, calib_settings(config, m)) for m in init},
-                              progress=_progress(config))
+  calibrated = calibrate_many(params, s.scale, lr, {m: (s.bits, _calib(s, m)) for m in init},
+                              progress=_progress(s))
   for m, (quant, info) in calibrated.items():
     bounds[m] = distributed.from_primary(quant, f"{m} bounds")  # identical on every process
-    if m in methods:
-      results["methods"].setdefault(m, {})["calibration"] = info
-    else:  # DOBI only as the start of 2DQuant
-      results["methods"].setdefault("2dquant", {})["calibration"] = info
+    if m in s.methods:
+      record.method(m).calibration = info
+    else:  # only as the start of the methods DQC refines from it
+      for refined in s.quantized:
+        if method_registry.REGISTRY[refined].init_from == m:
+          record.method(refined).calibration = info
   return bounds
 
 
-def dqc_validator(config: ml_collections.ConfigDict, params: dict, model: SwinIR):
+def _calib(settings: RunSettings, method: str):
+  """The calibration settings of `method` (one of the run's, or a DQC start outside it)."""
+  if method in settings.calibrations:
+    return settings.calibrations[method]
+  some = next(iter(settings.calibrations.values()))
+  return dataclasses.replace(some, method=method_registry.REGISTRY[method].calibration)
+
+
+def reuse_start(settings: RunSettings, params: dict, lr: np.ndarray, workdir: Path, like,
+                start: str) -> tuple[dict | None, dict[str, Any]]:
+  """The DQC start's bounds from <workdir>/bounds_<start>.json when that file was made from the
+  same weights, calibration batch and settings (a resumed 2DQuant run), else None; and the
+  refined method's record fields (the start's identity, which the file written later carries,
+  and the reused file)."""
+  identity = dobi_reuse.dobi_identity(settings.bits, settings.scale,
+                                      dataclasses.asdict(_calib(settings, start)),
+                                      dqc_checkpoint.fingerprint(params), lr)
+  path = workdir / f"bounds_{start}.json"
+  if not dobi_reuse.reusable_bounds(path, identity):
+    return None, {"dobi_identity": identity}
+  logging.info("%s: reusing %s (same weights, calibration batch and settings)", start, path)
+  return bounds_file.load_bounds(path, like), {
+      "dobi_identity": identity, "calibration": {"method": start, "reused": str(path)}}
+
+
+def dqc_validator(settings: RunSettings, params: dict, model: SwinIR):
   """bounds -> held-out PSNR on `dqc.val_root` images, or None when no folder is set."""
-  if not config.dqc.val_root:
+  v = settings.validation
+  if not v.root:
     return None
-  images = validation.load_validation_images(config.dqc.val_root, config.scale,
-                                             int(config.dqc.val_images), int(config.dqc.val_crop))
+  images = validation.load_validation_images(v.root, settings.scale, v.images, v.crop)
   return lambda quant: validation.validate_psnr(params, quant, images, model)
 
 
-def _reuse_dobi(config, params, lr, workdir: Path, like, bounds: dict, results: dict) -> bool:
-  """Loads <workdir>/bounds_dobi.json into bounds['dobi'] when it was made from the same weights,
-  calibration batch and settings (a resumed 2DQuant run), instead of recomputing DOBI. Records
-  the identity in results either way, so the file written later carries it."""
-  identity = workdir_guard.dobi_identity(
-      config.bits, config.scale, dataclasses.asdict(calib_settings(config, "dobi")),
-      dqc_checkpoint.fingerprint(params), lr)
-  entry = results["methods"].setdefault("2dquant", {})
-  entry["dobi_identity"] = identity
-  path = workdir / "bounds_dobi.json"
-  if not workdir_guard.reusable_bounds(path, identity):
-    return False
-  bounds["dobi"] = bounds_file.load_bounds(path, like)
-  entry["calibration"] = {"method": "dobi", "reused": str(path)}
-  logging.info("DOBI: reusing %s (same weights, calibration batch and settings)", path)
-  return True
-
-
-def run_dqc(config: ml_collections.ConfigDict, params: dict, quant0: dict, workdir: Path
+def run_dqc(settings: RunSettings, params: dict, quant0: dict, workdir: Path
             ) -> tuple[dict, dict]:
-  """DQC from the DOBI bounds, with held-out validation when `dqc.val_root` is set."""
-  settings = run_settings.dqc_settings(config)
-  return dqc_loop.train(params, quant0, settings, run_settings.loop_settings(config), workdir,
-                        progress=_progress(config),
-                        validate=dqc_validator(config, params, settings.model("quant")))
+  """DQC from the start's bounds, with held-out validation when `dqc.val_root` is set. The
+  info holds the log `records` too."""
+  student = dqc_step.model_for(settings.dqc, "quant")
+  return dqc_loop.train(params, quant0, settings.dqc, settings.loop, workdir,
+                        progress=_progress(settings),
+                        validate=dqc_validator(settings, params, student))
 
 
-def _export_packed(config, workdir: Path, method: str, params: dict, quant: dict,
+def _export_packed(settings: RunSettings, workdir: Path, method: str, params: dict, quant: dict,
                    source: Path, ratio: dict) -> dict:
   """Writes model_<method>_x{s}_w{b}.safetensors and logs its size against the paper's ratio."""
-  info = packed.export_packed(workdir / packed.packed_filename(method, config.scale, config.bits),
-                              params, quant, scale=config.scale, bits=config.bits, method=method,
+  s = settings
+  info = packed.export_packed(workdir / packed.packed_filename(method, s.scale, s.bits),
+                              params, quant, scale=s.scale, bits=s.bits, method=method,
                               source_sha256=download.sha256sum(source))
   logging.info("%s", packed.summary_line(info, ratio["compression"],
                                          ratio["params"]["bias_table"]))
   return info
 
 
-def _save_bounds(config, workdir: Path, method: str, quant: dict) -> str:
-  """bounds.json for a single-method run (dobi or 2dquant), else bounds_<method>.json."""
-  single = len(methods_of(config)) == 1 and method in ("dobi", "2dquant")
+def _save_bounds(settings: RunSettings, workdir: Path, method: str, quant: dict) -> str:
+  """bounds.json for a single-method run of the DQC chain (DOBI or 2DQuant), else
+  bounds_<method>.json."""
+  single = len(settings.methods) == 1 and method in method_registry.dqc_chain()
   fname = "bounds.json" if single else f"bounds_{method}.json"
   if distributed.is_primary():
-    bounds_file.save_bounds(workdir / fname, quant, {"method": method, "bits": config.bits,
-                                                     "scale": config.scale})
+    bounds_file.save_bounds(workdir / fname, quant, {"method": method, "bits": settings.bits,
+                                                     "scale": settings.scale})
   return fname

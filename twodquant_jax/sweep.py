@@ -11,23 +11,20 @@ shared workdir; `sweep.collect=True` only builds table3.json / table3.md from wh
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import itertools
 import json
-import re
 from pathlib import Path
 from typing import Any, Mapping
 
-import ml_collections
 from absl import logging
 
-from twodquant_jax import distributed, pipeline
+from twodquant_jax import distributed, files, pipeline
 from twodquant_jax import methods as method_registry
 from twodquant_jax.report import table3
+from twodquant_jax.settings import RunSettings, SweepSettings, cell_settings
 
 DEFAULT_WORKDIR = Path("runs") / "sweep"
-FP_BITS = 32  # what the full-precision cell's config says (as configs/fp_x*.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,53 +43,10 @@ class Cell:
             "methods": list(self.methods)}
 
 
-@dataclasses.dataclass(frozen=True)
-class SweepSettings:
-  scales: tuple[int, ...]
-  bits: tuple[int, ...]
-  methods: tuple[str, ...]
-  shard: tuple[int, int] = (0, 1)  # (index, count)
-  collect: bool = False
-
-
-def _ints(text: str, field: str) -> tuple[int, ...]:
-  try:
-    values = tuple(int(v) for v in str(text).split(",") if v.strip())
-  except ValueError:
-    values = ()
-  if not values or len(set(values)) != len(values):
-    raise ValueError(f"config.sweep.{field} must be distinct comma-separated integers, e.g. "
-                     f"'2,3,4', got {text!r}")
-  return values
-
-
-def sweep_settings(config: ml_collections.ConfigDict) -> SweepSettings:
-  """config.sweep, checked (one-line ValueError naming the field)."""
-  s = config.sweep
-  scales, bits = _ints(s.scales, "scales"), _ints(s.bits, "bits")
-  if any(v not in (2, 3, 4) for v in scales):
-    raise ValueError(f"config.sweep.scales must be among 2, 3, 4, got {s.scales!r}")
-  if any(not 2 <= b <= 8 for b in bits):
-    raise ValueError(f"config.sweep.bits must be between 2 and 8, got {s.bits!r}")
-  try:
-    methods = method_registry.parse(str(s.methods))
-  except ValueError as e:
-    raise ValueError(str(e).replace("config.method", "config.sweep.methods")) from None
-  shard = (0, 1)
-  if str(s.shard).strip():
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(s.shard))
-    if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
-      raise ValueError(f"config.sweep.shard must be 'i/n' with 0 <= i < n (e.g. 0/2), got "
-                       f"{s.shard!r}")
-    shard = (int(m.group(1)), int(m.group(2)))
-  return SweepSettings(tuple(sorted(scales)), tuple(sorted(bits)), methods, shard,
-                       bool(s.collect))
-
-
 def cells(settings: SweepSettings) -> list[Cell]:
   """All cells in table order: per scale, the full-precision cell, then each bit width."""
-  fp = tuple(m for m in settings.methods if not method_registry.REGISTRY[m].quantized)
-  quant = tuple(m for m in settings.methods if method_registry.REGISTRY[m].quantized)
+  quant = method_registry.quantized(settings.methods)
+  fp = tuple(m for m in settings.methods if m not in quant)
   out = []
   for scale in settings.scales:
     if fp:
@@ -108,15 +62,9 @@ def shard_cells(all_cells: list[Cell], shard: tuple[int, int]) -> list[Cell]:
   return all_cells[index::count]
 
 
-def cell_config(config: ml_collections.ConfigDict, cell: Cell) -> ml_collections.ConfigDict:
-  """The sweep's config with the cell's scale, bits and methods ("{scale}" in
-  model.checkpoint / model.bounds formatted with the scale)."""
-  c = copy.deepcopy(config.to_dict())
-  c.update(scale=cell.scale, bits=FP_BITS if cell.bits is None else cell.bits,
-           method=",".join(cell.methods))
-  for key in ("checkpoint", "bounds"):
-    c["model"][key] = str(c["model"][key]).replace("{scale}", str(cell.scale))
-  return ml_collections.ConfigDict(c)
+def settings_of(settings: RunSettings, cell: Cell) -> RunSettings:
+  """The run settings of a cell, derived from the parsed sweep's (settings.cell_settings)."""
+  return cell_settings(settings, cell.scale, cell.bits, cell.methods)
 
 
 def finished(cell_dir: Path, cell: Cell) -> dict | None:
@@ -136,27 +84,20 @@ def finished(cell_dir: Path, cell: Cell) -> dict | None:
   return results
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-  """Checks the sweep block and every cell's config before any work."""
-  settings = sweep_settings(config)
-  for cell in cells(settings):
-    pipeline.validate(cell_config(config, cell))
-
-
-def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) -> dict:
+def run(settings: RunSettings, workdir: str | Path | None = None) -> dict:
   """Runs this shard's unfinished cells, then writes table3.json / table3.md; returns the table
-  (process 0; {} on the others).
+  (process 0; {} on the others). `settings`: a parsed sweep config (settings.sweep set).
 
   In a multi-process run every process runs the same cells (process 0 decides which are
   finished); only process 0 writes.
   """
-  settings = sweep_settings(config)
+  sweep = settings.sweep
   workdir = Path(workdir) if workdir else DEFAULT_WORKDIR
-  all_cells = cells(settings)
-  if not settings.collect:
-    mine = shard_cells(all_cells, settings.shard)
+  all_cells = cells(sweep)
+  if not sweep.collect:
+    mine = shard_cells(all_cells, sweep.shard)
     logging.info("sweep: %d of %d cells in shard %d/%d: %s", len(mine), len(all_cells),
-                 *settings.shard, ", ".join(c.name for c in mine))
+                 *sweep.shard, ", ".join(c.name for c in mine))
     for scale, group in itertools.groupby(mine, key=lambda c: c.scale):
       todo = []
       for cell in group:
@@ -171,11 +112,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path | None = None) ->
       calib = any(c.bits is not None for c in todo)
       logging.info("sweep: reading the x%d checkpoint, benchmarks%s", scale,
                    " and calibration batch" if calib else "")
-      inputs = pipeline.load_inputs(cell_config(config, todo[0]), calibration=calib)
+      first = pipeline.check_inputs(settings_of(settings, todo[0]))
+      inputs = pipeline.prepare(first, calibration=calib)
       for cell in todo:
         logging.info("sweep: running %s (%s) in %s", cell.name, ", ".join(cell.methods),
                      workdir / cell.name)
-        pipeline.run(cell_config(config, cell), workdir / cell.name, inputs=inputs)
+        pipeline.run(settings_of(settings, cell), workdir / cell.name, inputs=inputs)
       del inputs
   return collect(workdir, all_cells)
 
@@ -187,11 +129,8 @@ def collect(workdir: Path, all_cells: list[Cell]) -> dict:
     return {}
   results: Mapping[str, dict | None] = {c.name: finished(workdir / c.name, c) for c in all_cells}
   table = table3.build([c.describe() for c in all_cells], results)
-  workdir.mkdir(parents=True, exist_ok=True)
-  tmp = workdir / "table3.json.tmp"
-  tmp.write_text(json.dumps(table, indent=1))
-  tmp.replace(workdir / "table3.json")
-  (workdir / "table3.md").write_text(table3.markdown(table))
+  files.write_json(workdir / "table3.json", table)
+  files.atomic_write(workdir / "table3.md", table3.markdown(table))
   if table["missing"]:
     logging.warning("sweep: %d of %d cells not finished: %s (run their shards, then "
                     "--config.sweep.collect=True)", len(table["missing"]), len(all_cells),

@@ -6,14 +6,13 @@ results, unless `overwrite`; then it takes `<workdir>/.lock` (PID, host, start t
 run's duration. A lock left by a process that is gone (same host) is named and replaced; a live
 one, or one from another host, stops the run with a line saying which process holds it.
 
-Also here: the identity of a DOBI result, so a resumed 2DQuant run reuses `bounds_dobi.json`
-instead of recomputing DOBI.
+A claim that created the workdir removes it again when the run leaves nothing in it but the
+lock (a first run that failed before any work, e.g. a failed download).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import socket
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from absl import logging
-import numpy as np
+from flax import traverse_util
 
 LOCK_FILE = ".lock"
 
@@ -35,20 +34,10 @@ class WorkdirError(RuntimeError):
   """The workdir is in use by another run, or holds a different run's results."""
 
 
-def _flatten(d: Mapping, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, key + "."))
-    else:
-      out[key] = v
-  return out
-
-
 def _normalise(config_dict: Mapping) -> dict[str, Any]:
   """As results.json stores it (JSON round trip: tuples become lists), minus neutral fields."""
-  flat = _flatten(json.loads(json.dumps(dict(config_dict), default=float)))
+  flat = traverse_util.flatten_dict(json.loads(json.dumps(dict(config_dict), default=float)),
+                                    sep=".")
   return {k: v for k, v in flat.items()
           if not any(k == n or k.startswith(n + ".") for n in NEUTRAL_FIELDS)}
 
@@ -149,40 +138,34 @@ def release(path: Path) -> None:
       Path(path).unlink()
 
 
+def _missing_folders(path: Path) -> list[Path]:
+  """`path` and those of its parents that do not exist yet, innermost first."""
+  missing = []
+  for p in (path, *path.parents):
+    if p.exists():
+      break
+    missing.append(p)
+  return missing
+
+
 @contextlib.contextmanager
 def claim(workdir: str | Path, config_dict: Mapping, overwrite: bool = False) -> Iterator[Path]:
-  """Checks the finished run (before writing anything), then holds the lock while in the block."""
+  """Checks the finished run (before writing anything), then holds the lock while in the block.
+
+  Folders the claim had to create are removed on the way out when they hold nothing (the lock
+  gone): a run that failed before writing leaves no empty workdir behind. A workdir that existed
+  before is never removed.
+  """
   workdir = Path(workdir)
   check_finished_run(workdir, config_dict, overwrite)
+  created = _missing_folders(workdir.absolute())
   lock = acquire(workdir)
   try:
     yield workdir
   finally:
     release(lock)
-
-
-# ---------------------------------------------------------------------------------------------
-# DOBI reuse.
-
-
-def dobi_identity(bits: int, scale: int, calib_settings: Mapping[str, Any],
-                  params_fingerprint: str, calib_lr: np.ndarray) -> dict[str, Any]:
-  """What a DOBI result depends on: bits, scale, the calibration settings, the FP weights
-  (their fingerprint) and the exact calibration batch (sha256 of its uint8 bytes and shape)."""
-  lr = np.ascontiguousarray(calib_lr, np.uint8)
-  h = hashlib.sha256(str(lr.shape).encode())
-  h.update(lr.tobytes())
-  return json.loads(json.dumps({"bits": int(bits), "scale": int(scale),
-                                "params": params_fingerprint, "calib_batch": h.hexdigest(),
-                                "calib_settings": dict(calib_settings)}))
-
-
-def reusable_bounds(path: Path, identity: Mapping) -> bool:
-  """True when `path` is a bounds file whose meta carries exactly this identity."""
-  if not Path(path).is_file():
-    return False
-  try:
-    meta = json.loads(Path(path).read_text()).get("meta", {})
-  except (OSError, json.JSONDecodeError, AttributeError):
-    return False
-  return isinstance(meta, Mapping) and meta.get("identity") == identity
+    for folder in created:  # innermost first; stops at the first one that holds something
+      try:
+        folder.rmdir()
+      except OSError:
+        break

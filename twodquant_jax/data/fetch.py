@@ -27,25 +27,11 @@ from absl import logging
 from twodquant_jax.data import sources
 from twodquant_jax.data import download
 from twodquant_jax.data.download import DownloadError
+from twodquant_jax.settings import DataSettings
 
 MANIFEST = "source.json"
 RECORDS = "checksums.json"
 IMAGE_SUFFIXES = (".png",)
-
-
-@dataclasses.dataclass(frozen=True)
-class DataSettings:
-  """What `resolve` needs from the config (settings.data_settings builds it)."""
-  root: str = ""  # benchmark root; empty = the cache
-  calib_root: str = ""  # calibration / DQC training images; empty = DIV2K in the cache
-  datasets: tuple[str, ...] = ()
-  need_calib: bool = False  # whether the run reads calibration images
-  download: bool = True
-  cache: str = ""
-  mirror: str = ""
-  # digests that replace the registry's for a mirror serving different files: ((url, sha256),)
-  mirror_checksums: tuple[tuple[str, str], ...] = ()
-  progress: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

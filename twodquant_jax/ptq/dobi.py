@@ -23,34 +23,9 @@ from twodquant_jax.ptq import search
 from twodquant_jax.nn.names import (dict_to_tree, is_bmm_operand, is_one_sided, is_weight,
                                      leaves_by_name, quant_names, shared_input_of)
 from twodquant_jax.nn.layers import CALIB
+from twodquant_jax.settings import CALIBRATIONS, CalibSettings
 
-METHODS = ("minmax", "percentile", "dobi")
-
-
-@dataclasses.dataclass(frozen=True)
-class CalibSettings:
-  """How bounds are initialised. `strategy`: 'paper' (one-sided search for the attention map
-  and fc2 input) or 'reference' (symmetric everywhere, as the released code runs); `tie`:
-  'first' (released code, strict <) or 'last' (paper pseudo-code, <=)."""
-  method: str = "dobi"
-  num_candidates: int = 100
-  strategy: str = "paper"
-  tie: str = "last"
-  percentile_low: float = 0.01
-  percentile_high: float = 99.99
-  search: str = "auto"  # sorted (host) | brute (XLA, f64 sums) | auto: brute on GPU; both exact
-
-  def __post_init__(self):
-    if self.method not in METHODS:
-      raise ValueError(f"calibration method must be one of {METHODS}, got {self.method!r}")
-    if self.strategy not in ("paper", "reference"):
-      raise ValueError(f"dobi.strategy must be 'paper' or 'reference', got {self.strategy!r}")
-    if self.tie not in ("first", "last"):
-      raise ValueError(f"dobi.tie must be 'first' or 'last', got {self.tie!r}")
-    if self.search not in ("auto", "sorted", "brute"):
-      raise ValueError(f"dobi.search must be auto, sorted or brute, got {self.search!r}")
-    if not 0 <= self.percentile_low < self.percentile_high <= 100:
-      raise ValueError("percentiles must satisfy 0 <= low < high <= 100")
+METHODS = CALIBRATIONS
 
 
 def torch_order(name: str, x: jnp.ndarray) -> np.ndarray:

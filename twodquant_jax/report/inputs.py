@@ -8,7 +8,6 @@ it produced while evaluating); only what is missing is computed here, from the l
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -24,19 +23,9 @@ from twodquant_jax.formats import bounds_file
 from twodquant_jax.nn.swinir import variable_shapes
 from twodquant_jax.ptq import dobi
 from twodquant_jax.nn.names import quantizer_order, tree_to_dict
+from twodquant_jax.settings import FigureSettings
 from twodquant_jax.report.figures import (HIST_BINS, METHOD_ORDER, FigureInputs, Visual,
                                           read_dqc_log)
-
-
-@dataclasses.dataclass(frozen=True)
-class FigureSettings:
-  """The `report.*` settings: which quantizers get histograms, which images a visual."""
-  scale: int
-  bits: int
-  hist_quantizers: tuple[str, ...] = ()
-  visual_images: tuple[tuple[str, str], ...] = ()  # (dataset, image)
-  calib_patches: int = 4  # 0 = all
-  eval_batch_size: int = 1
 
 
 def bound_files(workdir: str | Path, default_method: str, results: Mapping | None = None

@@ -12,8 +12,6 @@ from typing import Any, Mapping, Sequence
 
 from twodquant_jax.methods import ALL, LABELS
 
-FULL_PRECISION = ("fp", "bicubic")
-
 
 def build(cells: Sequence[Mapping[str, Any]], results: Mapping[str, Mapping | None]) -> dict:
   """Table 3 as a dict.

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Mapping
 
 from twodquant_jax.formats.packed import summary_line as packed_summary
-from twodquant_jax.methods import LABELS
+from twodquant_jax.methods import LABELS, REGISTRY
 
 
 def results_markdown(results: Mapping) -> str:
@@ -22,7 +22,8 @@ def results_markdown(results: Mapping) -> str:
   rows = [f"# SwinIR-light x{scale}: PSNR (dB) / SSIM on Y", "", head, sep]
   order = {m: i for i, m in enumerate(LABELS)}
   for method, entry in sorted(methods.items(), key=lambda kv: order.get(kv[0], len(order))):
-    b = "32/32" if method in ("fp", "bicubic") else f"{bits}/{bits}"
+    quantized = method in REGISTRY and REGISTRY[method].quantized
+    b = f"{bits}/{bits}" if quantized else "32/32"
     cells = []
     for name in datasets:
       d = entry.get("datasets", {}).get(name)

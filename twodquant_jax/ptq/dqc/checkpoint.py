@@ -73,20 +73,24 @@ def identity_mismatch(saved: Mapping[str, Any], identity: Mapping[str, Any]) -> 
   return {k: (saved.get(k), v) for k, v in identity.items() if saved.get(k) != v}
 
 
-def truncate_log(path: Path, last_step: int) -> None:
-  """Keeps only the log lines of steps <= last_step (a resumed run rewrites the rest)."""
+def truncate_log(path: Path, last_step: int) -> list[dict[str, Any]]:
+  """Keeps only the log lines of steps <= last_step (a resumed run rewrites the rest); returns
+  their records."""
   if not path.exists():
-    return
-  kept = []
+    return []
+  kept, records = [], []
   for line in path.read_text().splitlines():
     try:
-      if json.loads(line).get("step", 0) <= last_step:
+      record = json.loads(line)
+      if record.get("step", 0) <= last_step:
         kept.append(line)
-    except json.JSONDecodeError:  # a line cut by a kill
+        records.append(record)
+    except (json.JSONDecodeError, AttributeError):  # a line cut by a kill
       continue
   tmp = path.with_suffix(".tmp")
   tmp.write_text("".join(k + "\n" for k in kept))
   tmp.replace(path)
+  return records
 
 
 def append_log(path: Path, record: Mapping[str, Any]) -> None:

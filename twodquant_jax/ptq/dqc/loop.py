@@ -24,8 +24,9 @@ from tqdm import tqdm
 from twodquant_jax.data import patches
 from twodquant_jax.ptq.dqc import checkpoint as ckpt
 from twodquant_jax.ptq.dqc import memory as dqc_memory
-from twodquant_jax.ptq.dqc.step import (DATA_AXIS, DQCSettings, DQCState, check_batch_size,
-                                        data_mesh, init_state, make_schedule)
+from twodquant_jax.ptq.dqc.step import (DATA_AXIS, DQCState, check_batch_size, data_mesh,
+                                        init_state, make_schedule)
+from twodquant_jax.settings import DQCSettings, LoopSettings
 from twodquant_jax.nn.names import tree_to_dict
 
 
@@ -39,33 +40,6 @@ class NonFiniteError(RuntimeError):
                      "Lower config.dqc.lr or check the initial bounds (l < u).")
     self.step = step
     self.checkpoint_step = checkpoint_step
-
-
-@dataclasses.dataclass(frozen=True)
-class LoopSettings:
-  """Data and bookkeeping of a DQC run (what the step itself does not depend on)."""
-  calib_root: str
-  batch_size: int = 32
-  lr_size: int = 64
-  seed: int = 0
-  augment: bool = True
-  checkpoint_every: int = 200
-  keep_checkpoints: int = 2
-  log_every: int = 10
-  val_every: int = 500
-  data_workers: int = 0  # 0 = automatic
-  progress_every_s: float = 30.0  # plain progress lines when there is no progress bar
-
-  def __post_init__(self):
-    for name in ("batch_size", "checkpoint_every", "keep_checkpoints", "log_every", "val_every"):
-      if int(getattr(self, name)) < 1:
-        raise ValueError(f"config.dqc.{name} must be >= 1, got {getattr(self, name)}")
-    if self.lr_size < 8 or self.lr_size % 8:
-      raise ValueError(f"config.calib.lr_size must be a positive multiple of 8 (the window), "
-                       f"got {self.lr_size}")
-
-  def workers(self) -> int:
-    return self.data_workers if self.data_workers > 0 else max(1, min(8, (os.cpu_count() or 2) - 1))
 
 
 def run_identity(settings: DQCSettings, loop: LoopSettings, params: Mapping, quant0: Mapping
@@ -124,7 +98,8 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
 
   Returns:
     (final bounds, info) with info keys steps, steps_run, seconds, steps_per_s,
-    first_step_seconds (compile + one step), final_loss, resumed_from, devices, validation.
+    first_step_seconds (compile + one step), final_loss, resumed_from, devices, validation,
+    records (every dqc_log.jsonl record of the run, resumed steps included; process 0 only).
 
   Raises:
     NonFiniteError: the loss or a bound became non-finite (the last good checkpoint is kept).
@@ -152,8 +127,7 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
   seconds_before = float(meta.get("seconds", 0.0))
   final_loss = float(meta.get("loss", float("nan")))
   writer = jax.process_index() == 0  # one log for a multi-process run
-  if writer:
-    ckpt.truncate_log(log_path, start)
+  records = ckpt.truncate_log(log_path, start) if writer else []  # the resumed run's log
   validation: list[dict[str, float]] = []
   last_saved = resumed_from
   bar = _Progress(settings.steps, start, progress, loop.progress_every_s)
@@ -187,6 +161,7 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
       logging.info("DQC step %d: held-out PSNR(Y) %.3f dB", step, psnr)
     if record is not None and writer:
       ckpt.append_log(log_path, record)
+      records.append(record)
     if callback is not None:
       callback(step, {k: v.item() for k, v in m.items()})
     if state is not None and (step % loop.checkpoint_every == 0 or step == settings.steps):
@@ -234,7 +209,7 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
           "final_loss": final_loss, "resumed_from": resumed_from,
           "devices": [str(d) for d in mesh.devices.flat], "batch_size": loop.batch_size,
           "loss": settings.loss, "schedule": settings.schedule, "validation": validation,
-          "microbatch": memory_info}
+          "microbatch": memory_info, "records": records}
   return jax.device_get(state.quant), info
 
 

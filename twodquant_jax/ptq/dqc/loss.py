@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
-LOSSES = ("reference", "paper")
+from twodquant_jax.settings import LOSSES
 
 Array = jnp.ndarray
 Aux = dict[str, Any]

@@ -8,7 +8,6 @@ of one microbatch.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable, Mapping, Sequence
 
@@ -20,47 +19,17 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from twodquant_jax.nn.swinir import SwinIR
-from twodquant_jax.ptq.dqc.loss import LOSS_FUNCTIONS, LOSSES, Aux, paper_loss, per_sample_norm
-
-SCHEDULES = ("cosine", "constant")
-AUTO_MICROBATCH = -1  # DQCSettings.microbatch: resolved by memory.train_step_fn before jitting
+from twodquant_jax.ptq.dqc.loss import LOSS_FUNCTIONS, Aux, paper_loss, per_sample_norm
+from twodquant_jax.settings import AUTO_MICROBATCH, DQCSettings
 DATA_AXIS = "data"
 
 Array = jnp.ndarray
 
 
-@dataclasses.dataclass(frozen=True)
-class DQCSettings:
-  """What the jitted train step depends on (hashable: one compiled step per distinct value)."""
-  scale: int = 4
-  bits: int = 4
-  steps: int = 3000
-  lr: float = 1e-2
-  b1: float = 0.9
-  b2: float = 0.999
-  eps: float = 1e-8
-  schedule: str = "cosine"
-  loss: str = "reference"
-  feature_weight: float = 5.0
-  remat: bool = False
-  microbatch: int = 0  # >0: gradients accumulated over microbatches of at most this size;
-  # AUTO_MICROBATCH: the largest that fits the device (ptq/dqc/memory.py resolves it)
-  arch: tuple[tuple[str, Any], ...] = ()  # SwinIR keyword overrides (tests: a tiny network)
-
-  def __post_init__(self):
-    if self.loss not in LOSSES:
-      raise ValueError(f"config.dqc.loss must be one of {LOSSES}, got {self.loss!r}")
-    if self.schedule not in SCHEDULES:
-      raise ValueError(f"config.dqc.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-    if self.steps < 1:
-      raise ValueError(f"config.dqc.steps must be >= 1, got {self.steps}")
-    if self.microbatch < 0 and self.microbatch != AUTO_MICROBATCH:
-      raise ValueError(f"config.dqc.microbatch must be 'auto' or >= 0, got {self.microbatch}")
-
-  def model(self, mode: str = "fp") -> SwinIR:
-    """The teacher ('fp') or the student ('quant', rematerialised blocks if `remat`)."""
-    return SwinIR(upscale=self.scale, mode=mode, bits=self.bits,
-                  remat=self.remat and mode == "quant", **dict(self.arch))
+def model_for(settings: DQCSettings, mode: str = "fp") -> SwinIR:
+  """The teacher ('fp') or the student ('quant', rematerialised blocks if `settings.remat`)."""
+  return SwinIR(upscale=settings.scale, mode=mode, bits=settings.bits,
+                remat=settings.remat and mode == "quant", **dict(settings.arch))
 
 
 @flax.struct.dataclass
@@ -93,7 +62,7 @@ def init_state(settings: DQCSettings, quant: Mapping) -> DQCState:
 def teacher_outputs(params: Mapping, x: Array, settings: DQCSettings) -> tuple[Array, list]:
   """The FP teacher's (output, features) on x, gradient-free. They do not depend on the bounds,
   so a step computes them once per batch and shares them between its passes."""
-  teacher = settings.model("fp")
+  teacher = model_for(settings, "fp")
   return jax.lax.stop_gradient(teacher.apply({"params": params}, x, return_features=True))
 
 
@@ -101,7 +70,7 @@ def _forward_pair(params: Mapping, quant: Mapping, x: Array, settings: DQCSettin
                   teacher: tuple[Array, list] | None = None):
   """(out_q, out, feats_q, feats): the student's and the (gradient-free) teacher's outputs."""
   out, feats = teacher if teacher is not None else teacher_outputs(params, x, settings)
-  out_q, feats_q = settings.model("quant").apply({"params": params, "quant": quant}, x,
+  out_q, feats_q = model_for(settings, "quant").apply({"params": params, "quant": quant}, x,
                                                  return_features=True)
   return out_q, out, feats_q, feats
 
@@ -153,7 +122,7 @@ def microbatched_value_and_grad(params: Mapping, quant: Mapping, x: Array,
   # Microbatch m holds samples m, M+m, 2M+m, ... (M microbatches): with the batch sharded in
   # contiguous blocks over devices, every microbatch still spans all devices (data parallel).
   xs = jnp.swapaxes(x.reshape((mb, b // mb) + x.shape[1:]), 0, 1)
-  nf = len(settings.model("fp").depths)  # one feature per RSTB
+  nf = len(model_for(settings, "fp").depths)  # one feature per RSTB
   # The teacher once per microbatch (small: its output and 4 features), shared by both passes.
   teach = jax.lax.map(lambda xm: teacher_outputs(params, xm, settings), xs)
   zeros = jax.tree_util.tree_map(jnp.zeros_like, quant)
