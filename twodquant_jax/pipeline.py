@@ -37,6 +37,7 @@ from twodquant_jax.data import download
 from twodquant_jax.nn.swinir import SwinIR, variable_shapes
 from twodquant_jax import methods as method_registry
 from twodquant_jax.nn import names as qnames
+from twodquant_jax.ptq import stats
 from twodquant_jax.ptq.dobi import calibrate_many
 from twodquant_jax.ptq.dqc import checkpoint as dqc_checkpoint
 from twodquant_jax.ptq.dqc import loop as dqc_loop
@@ -227,6 +228,7 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, inputs: Inputs | None
             bounds_file.save_bounds(workdir / "bounds_dobi.json", bounds["dobi"],
                                 {"method": "dobi", "bits": config.bits, "scale": config.scale,
                                  "identity": entry.get("dobi_identity")})
+            entry["start_bounds_file"] = "bounds_dobi.json"
           bounds["2dquant"], entry["dqc"] = run_dqc(config, params, bounds["dobi"], workdir)
         quant = bounds.get(method)
         if quant is not None:
@@ -241,7 +243,7 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, inputs: Inputs | None
       results["seconds_total"] = time.perf_counter() - t_start
       write_results(workdir, results)
     if config.report.figures and distributed.is_primary():
-      make_figures(config, workdir, results, params, datasets, calib_lr, kept)
+      make_figures(config, workdir, results, params, datasets, calib_lr, kept, bounds)
   results["seconds_total"] = time.perf_counter() - t_start
   results["complete"] = True
   write_results(workdir, results)
@@ -249,16 +251,33 @@ def _run(config: ml_collections.ConfigDict, workdir: Path, inputs: Inputs | None
 
 
 def make_figures(config: ml_collections.ConfigDict, workdir: Path, results: dict, params: dict,
-                 datasets: dict, calib_lr, kept: dict | None = None) -> list[str]:
-  """Hands what the run computed to the report figures (<workdir>/figures/*.png)."""
+                 datasets: dict, calib_lr, kept: dict | None = None,
+                 bounds: dict | None = None) -> list[str]:
+  """Hands what the run computed to the report figures (<workdir>/figures/*.png): the bounds,
+  the FP tensor statistics on the calibration batch (also saved, for report.inputs.from_workdir),
+  the kept SRs and the DQC records."""
+  fs = run_settings.figure_settings(config)
+  named = {m: qnames.tree_to_dict(q) for m, q in (bounds or {}).items()}
+  hist_names = figure_inputs.hist_names(fs)
+  # Percentiles (paper Fig. 5) for the bounds of the DOBI search, before and after DQC.
+  pct_bounds = {m: b for m, b in named.items()
+                if method_registry.REGISTRY[m].calibration == "dobi"}
+  hists, pct, num_patches = {}, {}, 0
   try:
-    lr = calib_lr()
+    lr = calib_lr() if hist_names or pct_bounds else None
   except (OSError, ValueError) as e:
     logging.info("figures: no calibration batch (%s)", e)
     lr = None
-  inputs = figure_inputs.collect(run_settings.figure_settings(config), workdir, results,
-                                 params=params, calib_lr=lr, datasets=datasets,
-                                 default_method=config.method, kept_srs=kept)
+  if lr is not None:
+    lr = lr[:fs.calib_patches] if fs.calib_patches > 0 else lr
+    hists, pct = stats.tensor_stats(params, config.scale, lr, pct_bounds, hist_names, named)
+    num_patches = len(lr)
+  figure_inputs.save_stats(workdir, hists, pct, num_patches)
+  log = workdir / dqc_checkpoint.LOG_FILE
+  inputs = figure_inputs.collect(
+      fs, results=results, bounds=named, kept_srs=kept, datasets=datasets, hists=hists,
+      dqc_records=figure_inputs.read_dqc_log(log) if log.is_file() else [],
+      percentiles=pct, num_patches=num_patches)
   return figures.write_all(inputs, workdir / "figures")
 
 

@@ -90,17 +90,9 @@ def loop_settings(config: ml_collections.ConfigDict) -> LoopSettings:
 
 def figure_settings(config: ml_collections.ConfigDict) -> FigureSettings:
   """The `report.*` settings, parsed: 'a,b' quantizer lists and 'dataset/image' entries."""
-  split = lambda v: [p.strip() for p in str(v or "").split(",") if p.strip()]
-  visuals = []
-  for item in split(config.report.visual_images):
-    if "/" not in item:
-      raise ValueError(f"config.report.visual_images: {item!r} is not <dataset>/<image>")
-    visuals.append(tuple(item.split("/", 1)))
-  return FigureSettings(scale=int(config.scale), bits=int(config.bits),
-                        hist_quantizers=tuple(split(config.report.hist_quantizers)),
-                        visual_images=tuple(visuals),
-                        calib_patches=int(config.report.calib_patches),
-                        eval_batch_size=int(config.eval.batch_size))
+  return FigureSettings.from_config(config)
+
+
 def calibration_images_needed(method: str, batch_file: str = "", bounds_given: bool = False
                               ) -> bool:
   """Whether a run of `method` (a config.method string) reads calib.root: DQC's training stream,
