@@ -125,7 +125,7 @@ def test_collect_needs_no_disk(tmp_path, monkeypatch):
   records = [{"step": 3, "loss": 0.1}, {"step": 1, "loss": 0.3}, {"step": 2, "loss": 0.2}]
 
   def no_disk(*args, **kwargs):
-    raise AssertionError(f"collect touched the disk or the network: {args}")
+    raise AssertionError(f"collect read a file: {args}")
 
   monkeypatch.chdir(tmp_path)  # an empty folder: nothing to find either
   for owner, name in ((builtins, "open"), (Path, "open"), (Path, "read_text"),

@@ -154,8 +154,9 @@ def collect(settings: FigureSettings, *, results: Mapping,
 
 def save_stats(workdir: str | Path, hists: Mapping, percentiles: Mapping, num_patches: int
                ) -> Path:
-  """Writes <workdir>/figures/stats.npz (atomically): the statistics `from_workdir` reads back.
-  Keys: 'num_patches', 'hist:<quantizer>:<field>', 'pct:<method>:names' / ':values' (N, 2)."""
+  """Writes <workdir>/figures/stats.npz (compressed, atomically): the statistics that
+  `from_workdir` reads back. Keys: 'num_patches', 'hist:<quantizer>:<field>',
+  'pct:<method>:names' and 'pct:<method>:values' (N, 2)."""
   arrays = {"num_patches": np.asarray(int(num_patches))}
   for name, h in hists.items():
     for key in HIST_KEYS:
@@ -165,7 +166,7 @@ def save_stats(workdir: str | Path, hists: Mapping, percentiles: Mapping, num_pa
     arrays[f"pct:{method}:values"] = np.asarray(list(p.values()), np.float64).reshape(-1, 2)
   path = Path(workdir) / "figures" / STATS_FILE
   with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
-    np.savez(f, **arrays)
+    np.savez_compressed(f, **arrays)
   return path
 
 
