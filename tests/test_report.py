@@ -279,12 +279,19 @@ def test_from_workdir_reads_a_finished_workdir_back(tmp_path, reference, benchma
     _check_png(Path(p))
 
 
-def test_from_workdir_cli_error_is_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("results,message", [
+    (None, "results.json not found"),
+    ("{cut", "results.json is not valid JSON"),
+    ('{"methods": {}}', "results.json lacks the run's config"),
+])
+def test_from_workdir_cli_error_is_one_line(tmp_path, capsys, results, message):
+  if results is not None:
+    (tmp_path / "results.json").write_text(results)
   with pytest.raises(SystemExit) as e:
-    figure_inputs.main(["--workdir", str(tmp_path / "nothing")])
+    figure_inputs.main(["--workdir", str(tmp_path)])
   assert e.value.code == 2
   err = capsys.readouterr().err.strip()
-  assert len(err.splitlines()) == 1 and "results.json not found" in err
+  assert len(err.splitlines()) == 1 and message in err, err
 
 
 def test_from_workdir_reproduces_the_run(tmp_path, reference, benchmarks, shared, monkeypatch):
@@ -294,21 +301,12 @@ def test_from_workdir_reproduces_the_run(tmp_path, reference, benchmarks, shared
   hr = load_rgb(benchmarks / "Set5" / "HR" / "baby.png")[160:208, 160:208]
   save_png(root / "Tiny" / "HR" / "baby.png", hr)
   c = base.get_config(scale=4, bits=2, method="fp,2dquant")
-  c.model.checkpoint = str(reference / "standin_x4.pth")
-  c.data.root = str(root)
-  c.eval.datasets = "Tiny"
-  c.eval.save_sr = True
-  c.calib.root = str(shared / "data" / "calib")
-  c.calib.num_patches = 2
-  c.calib.lr_size = 16
-  c.dqc.steps = 3
-  c.dqc.batch_size = 2
-  c.dqc.microbatch = "0"
-  c.dqc.log_every = 1
-  c.report.figures = True
-  c.report.visual_images = "Tiny/baby"
-  c.report.calib_patches = 2
-  c.progress = False
+  c.update_from_flattened_dict({  # tiny: 2 calibration patches, 3 DQC steps, one 48x48 image
+      "model.checkpoint": str(reference / "standin_x4.pth"), "data.root": str(root),
+      "eval.datasets": "Tiny", "eval.save_sr": True, "calib.root": str(shared / "data" / "calib"),
+      "calib.num_patches": 2, "calib.lr_size": 16, "dqc.steps": 3, "dqc.batch_size": 2,
+      "dqc.microbatch": "0", "dqc.log_every": 1, "report.figures": True,
+      "report.visual_images": "Tiny/baby", "report.calib_patches": 2, "progress": False})
   handed: list[figures.FigureInputs] = []
   write_all = figures.write_all
   monkeypatch.setattr(figures, "write_all", lambda inputs, out: handed.append(inputs) or

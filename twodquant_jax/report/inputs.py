@@ -269,7 +269,7 @@ def _saved_srs(workdir: Path, results: Mapping, settings: FigureSettings) -> dic
   """{(dataset, image): {method: SR}} of the PNGs under <workdir>/sr (eval.save_sr)."""
   kept: dict[tuple[str, str], dict[str, np.ndarray]] = {}
   for dataset, image in settings.visual_images:
-    for method in [BICUBIC] + list(results.get("methods") or {}):
+    for method in dict.fromkeys([BICUBIC, *(results.get("methods") or {})]):
       png = workdir / "sr" / method / dataset / f"{image}.png"
       if png.is_file():
         kept.setdefault((dataset, image), {})[method] = load_rgb(png)
@@ -282,7 +282,11 @@ def from_workdir(workdir: str | Path) -> FigureInputs:
   """
   workdir = Path(workdir)
   results = _read_results(workdir)
-  settings = FigureSettings.from_config(results["config"])
+  try:
+    settings = FigureSettings.from_config(results["config"])
+  except (KeyError, TypeError) as e:
+    raise ValueError(f"{workdir / 'results.json'} lacks the run's config ({e!r} missing); "
+                     "rerun with this version to redraw its figures") from e
   log = workdir / "dqc_log.jsonl"
   hists, percentiles, num_patches = load_stats(workdir)
   return collect(settings, results=results,
@@ -306,9 +310,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     inputs = from_workdir(args.workdir)
   except (OSError, ValueError) as e:
     parser.exit(2, f"error: {e}\n")
-  paths = write_all(inputs, Path(args.workdir) / "figures")
-  print("\n".join(paths))
-  return paths
+  return write_all(inputs, Path(args.workdir) / "figures")  # each path is logged
 
 
 if __name__ == "__main__":
