@@ -1,6 +1,6 @@
 """The command line and the report: configs load and take overrides, bad values fail cleanly,
-a tiny end-to-end `main.py` run writes a consistent results.json / results.md, and the figures
-render from a fake workdir."""
+a tiny end-to-end `main.py` run writes a consistent results.json / results.md (the figures and
+their inputs: tests/test_report.py)."""
 
 import dataclasses
 import importlib
@@ -13,19 +13,12 @@ import time
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
 from absl import flags
 from ml_collections import config_flags
-from PIL import Image
 
 from twodquant_jax import pipeline, settings
-from twodquant_jax.report import inputs as figure_inputs
-from twodquant_jax.nn import names as qnames
-from twodquant_jax.report import figures
-from twodquant_jax.data.benchmarks import BenchmarkImage
-from twodquant_jax.data.bicubic import imresize
-from twodquant_jax.data.images import load_rgb, save_png, to_uint8
+from twodquant_jax.data.images import load_rgb, save_png
 from twodquant_jax.eval.metrics import psnr_y
 from shared_paths import REPO_ROOT
 
@@ -165,116 +158,6 @@ def test_main_end_to_end_fp(tmp_path, reference, benchmarks):
   assert "visual_Set5_baby.png" in figs
   assert any(f.startswith("hist_") for f in figs)  # FP histograms, no bounds in an FP run
   assert "bound_percentiles.png" not in figs and "dqc_loss.png" not in figs
-
-
-# ---------------------------------------------------------------------------------------------
-# Figures from a fake workdir.
-
-
-def _check_png(path: Path, min_side: int = 200) -> None:
-  img = np.asarray(Image.open(path).convert("RGB"))
-  assert min(img.shape[:2]) >= min_side, (path, img.shape)
-  colors = np.unique(img.reshape(-1, 3)[::7], axis=0)
-  assert len(colors) > 20, (path, len(colors))  # not a blank canvas
-
-
-def _fake_workdir(workdir: Path, reference: Path, hr: np.ndarray, lr: np.ndarray) -> dict:
-  dobi = json.loads((reference / "ref2dq_x4_w4_random_b4.json").read_text())["bounds"]
-  rng = np.random.default_rng(0)
-  dq = {k: [lo + 0.1 * (hi - lo) * float(rng.uniform(-1, 1)),
-            hi - 0.1 * (hi - lo) * float(rng.uniform(-1, 1))] for k, (lo, hi) in dobi.items()}
-  workdir.mkdir(parents=True)
-  (workdir / "bounds_dobi.json").write_text(json.dumps({"bounds": dobi,
-                                                        "meta": {"method": "dobi"}}))
-  (workdir / "bounds.json").write_text(json.dumps({"bounds": dq, "meta": {"method": "2dquant"}}))
-  with open(workdir / "dqc_log.jsonl", "w") as f:
-    for step in range(10, 301, 10):
-      loss = 1e-6 * (1 + 3 / np.sqrt(step))
-      rec = {"step": step, "loss": loss, "l_pix": loss - 4e-12, "l_feature": 4e-12,
-             "lr": 1e-2 * 0.5 * (1 + np.cos(np.pi * step / 300))}
-      if step % 100 == 0:
-        rec["val_psnr"] = 24 + step / 300
-      f.write(json.dumps(rec) + "\n")
-    f.write('{"step": 31')  # a line cut by a kill
-  # Saved SR images for two methods; DOBI's is computed by the figure code itself.
-  up = to_uint8(imresize(lr.astype(np.float64) / 255.0, 4))
-  save_png(workdir / "sr" / "fp" / "Tiny" / "img.png", up)
-  save_png(workdir / "sr" / "2dquant" / "Tiny" / "img.png", up[::-1].copy())
-  per = lambda p: {"datasets": {"Tiny": {"psnr": p, "ssim": 0.5, "num_images": 1,
-                                         "images": {"img": {"psnr": p, "ssim": 0.5}}}}}
-  results = {"scale": 4, "bits": 4, "methods": {
-      "fp": per(25.0), "bicubic": per(24.0), "dobi": {**per(20.0), "bounds_file": "bounds_dobi.json"},
-      "2dquant": {**per(22.0), "bounds_file": "bounds.json"}}}
-  (workdir / "results.json").write_text(json.dumps(results))
-  return results
-
-
-def test_figures_from_fake_workdir(tmp_path, reference, benchmarks):
-  from configs import base
-  hr = load_rgb(benchmarks / "Set5" / "HR" / "baby.png")[160:224, 160:224]
-  lr = to_uint8(imresize(hr.astype(np.float64) / 255.0, 1 / 4))
-  workdir = tmp_path / "wd"
-  results = _fake_workdir(workdir, reference, hr, lr)
-  config = base.get_config(scale=4, bits=4, method="all")
-  config.model.checkpoint = str(reference / "swinir_light_x4_random.pth")
-  config.calib.batch_file = str(reference / "calib_x4.npz")
-  config.report.calib_patches = 1
-  config.report.visual_images = "Tiny/img,Tiny/missing,Nowhere/img"
-  config.data.root = str(tmp_path / "no_benchmarks")
-  t0 = time.perf_counter()
-  params = pipeline.load_params(settings.parse(config))[0]
-  inputs = figure_inputs.collect(settings.figure_settings(config), workdir, results, params=params,
-                                 calib_lr=pipeline.calibration_batch(settings.parse(config)),
-                                 datasets={"Tiny": [BenchmarkImage("img", lr, hr)]})
-  assert sorted(inputs.visuals[0].srs) == ["2dquant", "bicubic", "dobi", "fp"]
-  paths = figures.write_all(inputs, workdir / "figures")
-  print(f"figures: {time.perf_counter() - t0:.1f} s")
-  names = sorted(Path(p).name for p in paths)
-  hist = [n for n in names if n.startswith("hist_")]
-  assert len(hist) == 3
-  assert {"bound_percentiles.png", "visual_Tiny_img.png", "dqc_loss.png"} <= set(names)
-  assert all(Path(p).parent == workdir / "figures" for p in paths)
-  for p in paths:
-    _check_png(Path(p))
-
-
-def test_figures_skip_missing_inputs(tmp_path):
-  from configs import base
-  config = base.get_config(scale=4, bits=4, method="2dquant")
-  config.calib.batch_file = str(tmp_path / "none.npz")
-  config.calib.root = str(tmp_path / "none")
-  config.report.visual_images = "Set5/baby"
-  config.data.root = str(tmp_path / "none")
-  results = {"scale": 4, "bits": 4, "methods": {}}
-  inputs = figure_inputs.collect(settings.figure_settings(config), tmp_path, results,
-                                 params=None, calib_lr=None, datasets={})
-  assert figures.write_all(inputs, tmp_path / "figures") == []
-
-
-def test_bound_fractions_and_helpers(tmp_path):
-  x = np.arange(10, dtype=np.float32).reshape(2, 5)
-  below, upto = figure_inputs.bound_fractions(x, np.array([0.0, 2.5], np.float32),
-                                         np.array([9.0, 4.0], np.float32))
-  np.testing.assert_allclose(below, [0.0, 0.3])  # min -> 0 %: nothing is clipped up
-  np.testing.assert_allclose(upto, [1.0, 0.5])  # max -> 100 %
-
-  img = np.zeros((40, 60, 3), np.uint8)
-  img[20:30, 35:45] = 255 * (np.indices((10, 10)).sum(0) % 2)[..., None]
-  y, x0 = figures.best_crop(img, 10)
-  assert (y, x0) == (20, 35)
-
-  order = qnames.quantizer_order()
-  assert len(order) == len(set(order)) == 384
-  kinds = [qnames.quantizer_kind(n) for n in order]
-  assert (kinds.count("weight"), kinds.count("activation"),
-          kinds.count("attention BMM operand")) == (144, 144, 96)
-
-  from configs import base
-  config = base.get_config(method="dobi")
-  (tmp_path / "bounds.json").write_text(json.dumps({"bounds": {}}))
-  (tmp_path / "bounds_minmax.json").write_text("{}")
-  (tmp_path / "bounds_2dquant.json").write_text("{}")
-  assert list(figure_inputs.bound_files(tmp_path, config.method)) == ["minmax", "dobi", "2dquant"]
 
 
 def test_rerun_of_the_same_command_is_not_refused(tmp_path, reference, benchmarks, monkeypatch):

@@ -1,14 +1,14 @@
 """Report figures (PNG): what the bounds look like and what they do to images.
 
 Reporting receives what the run computed (`FigureInputs`: bounds, tensor histograms and
-percentiles, SR crops, the DQC log) and never calls back into the pipeline; `write_all` writes
-into `<workdir>/figures/`:
+percentiles, SR crops, the DQC records; see `report.inputs`) and never calls back into the
+pipeline or recomputes; `write_all` writes (atomically) into `<workdir>/figures/`:
   hist_<quantizer>.png    histograms (log-y) of the FP tensors some quantizers see on the
                           calibration batch, with every available method's bounds (paper Fig. 4);
   bound_percentiles.png   for all 384 quantizers, the percentile of the lower and upper bound in
                           the FP tensor's distribution after DOBI and after DQC (paper Fig. 5);
   visual_<set>_<img>.png  HR / Bicubic / FP / quantized crops with per-image PSNR;
-  dqc_loss.png            the DQC loss curve from dqc_log.jsonl.
+  dqc_loss.png            the DQC loss curve (the records of dqc_log.jsonl).
 A figure whose inputs are missing is skipped with a logged note. Plots use matplotlib's
 object API on an Agg canvas (no pyplot, no display, no global backend switch).
 """
@@ -16,7 +16,6 @@ object API on an Agg canvas (no pyplot, no display, no global backend switch).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -27,6 +26,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from twodquant_jax.files import atomic_path
 from twodquant_jax.methods import LABELS, QUANTIZED
 from twodquant_jax.nn.names import KINDS, quantizer_kind, quantizer_order
 
@@ -35,7 +35,6 @@ KIND_COLORS = {"weight": "tab:blue", "activation": "tab:orange",
 METHOD_ORDER = QUANTIZED  # the quantized methods, in the paper's row order
 METHOD_STYLES = {"minmax": ("tab:gray", ":"), "percentile": ("tab:purple", "-."),
                  "dobi": ("tab:blue", "--"), "2dquant": ("tab:red", "-")}
-HIST_BINS = 200
 CROP_FRACTION = 0.5  # crop side / shorter image side: about a quarter of the image area
 
 
@@ -44,9 +43,9 @@ def _label(method: str) -> str:
 
 
 def _save(fig: Figure, path: Path) -> str:
-  path.parent.mkdir(parents=True, exist_ok=True)
   FigureCanvasAgg(fig)
-  fig.savefig(path, dpi=110)
+  with atomic_path(path) as tmp:
+    fig.savefig(tmp, format="png", dpi=110)
   logging.info("figure: wrote %s", path)
   return str(path)
 
@@ -218,19 +217,6 @@ def plot_dqc_loss(records: Sequence[Mapping], path: Path) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def read_dqc_log(path: str | Path) -> list[dict[str, Any]]:
-  """The records of dqc_log.jsonl (lines cut by a kill are dropped), sorted by step."""
-  records = []
-  for line in Path(path).read_text().splitlines():
-    try:
-      rec = json.loads(line)
-    except json.JSONDecodeError:
-      continue
-    if isinstance(rec, dict) and "step" in rec:
-      records.append(rec)
-  return sorted(records, key=lambda r: r["step"])
-
-
 @dataclasses.dataclass
 class Visual:
   """One visual comparison: the HR image and each method's SR with its PSNR."""
@@ -269,7 +255,7 @@ def write_all(inputs: FigureInputs, out_dir: str | Path) -> list[str]:
     written.append(plot_bound_percentiles(pct, out_dir / "bound_percentiles.png",
                                           num_patches=inputs.num_patches, bits=inputs.bits))
   else:
-    logging.info("figures: skipping bound_percentiles.png (no DOBI or 2DQuant bounds)")
+    logging.info("figures: skipping bound_percentiles.png (no bound percentiles)")
   for v in inputs.visuals:
     title = (f"{v.dataset}/{v.image}, x{inputs.scale}, quantized at W{inputs.bits}A{inputs.bits}:"
              f" the highest-gradient crop; PSNR(Y) per panel")

@@ -1,116 +1,63 @@
-"""What the report figures show, gathered from a run: the bounds in the workdir, statistics of
-the FP tensors on the calibration batch, the SR crops of the visual images and the DQC log.
+"""What the report figures show: handed over by a run, or read back from a finished workdir.
 
-The pipeline hands over what it already has (FP params, the calibration batch, the SR images
-it produced while evaluating); only what is missing is computed here, from the lower layers
-(`eval`, `ptq`), never by calling back into the pipeline. `report.figures` then only draws.
+`collect` assembles `FigureInputs` from what the pipeline holds in memory (bounds, the tensor
+statistics of `ptq.stats`, the SR images it kept, the DQC records): pure, no disk, nothing
+recomputed. `save_stats` stores the statistics beside the figures, so that `from_workdir` can
+rebuild the same `FigureInputs` from a finished workdir (results.json, the bounds files it
+names, dqc_log.jsonl, figures/stats.npz, the SR PNGs under sr/) and the figures can be redrawn:
+
+  python -m twodquant_jax.report.inputs --workdir DIR    # writes DIR/figures/*.png
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from twodquant_jax import files
+from twodquant_jax.data.benchmarks import BenchmarkImage, load_benchmark
+from twodquant_jax.data.bicubic import imresize
 from twodquant_jax.data.images import load_rgb, to_uint8
-from twodquant_jax.eval import predict
+from twodquant_jax.eval.metrics import psnr_y
 from twodquant_jax.formats import bounds_file
-from twodquant_jax.nn.swinir import variable_shapes
-from twodquant_jax.ptq import dobi
+from twodquant_jax.methods import ALL, REGISTRY
 from twodquant_jax.nn.names import quantizer_order, tree_to_dict
-from twodquant_jax.settings import FigureSettings
-from twodquant_jax.report.figures import (HIST_BINS, METHOD_ORDER, FigureInputs, Visual,
-                                          read_dqc_log)
+from twodquant_jax.settings import FigureSettings, figure_settings
+from twodquant_jax.report.figures import METHOD_ORDER, FigureInputs, Visual, write_all
+
+BICUBIC = "bicubic"  # the one row the report can make itself: a pure upscaling of the LR image
+STATS_FILE = "stats.npz"  # under <workdir>/figures/
+HIST_KEYS = ("counts", "edges", "min", "max", "numel")
+KeptSRs = Mapping[tuple[str, str], Mapping[str, np.ndarray]]  # (dataset, image) -> method -> SR
 
 
-def bound_files(workdir: str | Path, default_method: str, results: Mapping | None = None
-                ) -> dict[str, Path]:
-  """{method: bounds file} for the bounds in the workdir, in METHOD_ORDER.
+def hist_names(settings: FigureSettings) -> list[str]:
+  """The quantizers of `report.hist_quantizers` that exist (unknown ones logged)."""
+  known = set(quantizer_order())
+  for n in settings.hist_quantizers:
+    if n not in known:
+      logging.warning("figures: report.hist_quantizers: unknown quantizer %r", n)
+  return [n for n in settings.hist_quantizers if n in known]
 
-  `bounds_<method>.json` names its method; `bounds.json` says it in its meta (else it is
-  `default_method`'s). A method's `bounds_file` entry in results.json wins.
-  """
-  workdir = Path(workdir)
-  found: dict[str, Path] = {}
-  for path in sorted(workdir.glob("bounds*.json")):
-    if path.name == "bounds.json":
-      try:
-        meta = json.loads(path.read_text()).get("meta") or {}
-      except (json.JSONDecodeError, AttributeError):
-        meta = {}
-      method = meta.get("method") or default_method
-    else:
-      method = path.stem[len("bounds_"):]
-    found.setdefault(method, path)
-  for method, entry in ((results or {}).get("methods") or {}).items():
-    f = entry.get("bounds_file") if isinstance(entry, Mapping) else None
-    if f and (workdir / f).is_file():
-      found[method] = workdir / f
+
+def _in_method_order(by_method: Mapping[str, Any]) -> dict[str, Any]:
   order = {m: k for k, m in enumerate(METHOD_ORDER)}
-  return dict(sorted(found.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+  return dict(sorted(by_method.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
 
 
-def load_bound_dicts(files: Mapping[str, Path]) -> dict[str, dict[str, list[float]]]:
-  """{method: {quantizer: [lower, upper]}}; unreadable files are skipped with a note."""
-  out = {}
-  for method, path in files.items():
-    try:
-      out[method] = tree_to_dict(bounds_file.load_bounds(path))
-    except (OSError, ValueError) as e:
-      logging.warning("figures: skipping bounds %s (%s)", path, e)
-  return out
+# ---------------------------------------------------------------------------------------------
+# From the run, in memory.
 
 
-@jax.jit
-def bound_fractions(x: jnp.ndarray, lowers: jnp.ndarray, uppers: jnp.ndarray
-                    ) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """Share of the elements of x below each lower bound (clipped up) and at or below each upper
-  bound (not clipped down): the bounds' percentiles, exact integer counts."""
-  flat = x.reshape(-1)
-  below = jax.lax.map(lambda v: jnp.sum(flat < v, dtype=jnp.int32), lowers)
-  upto = jax.lax.map(lambda v: jnp.sum(flat <= v, dtype=jnp.int32), uppers)
-  return below.astype(jnp.float32) / flat.size, upto.astype(jnp.float32) / flat.size
-
-
-def tensor_stats(params: Mapping, scale: int, lr: np.ndarray,
-                 bounds: Mapping[str, Mapping[str, Sequence[float]]],
-                 hist_names: Iterable[str], hist_bounds: Mapping | None = None
-                 ) -> tuple[dict, dict]:
-  """One streamed pass over the captured FP tensors.
-
-  Returns (hists, percentiles): hists[name] = {'counts', 'edges', 'min', 'max', 'numel'} for
-  `hist_names` (bins span the data and every bound of `hist_bounds`, default `bounds`);
-  percentiles[method][name] = (percentile of the lower bound, of the upper bound) for the
-  methods of `bounds`: the share (%) of elements below l (clipped up), and at or below u.
-  """
-  hist_bounds = bounds if hist_bounds is None else hist_bounds
-  hist_names = set(hist_names)
-  hists: dict[str, dict] = {}
-  pct: dict[str, dict[str, tuple[float, float]]] = {m: {} for m in bounds}
-  for _, captured, _ in dobi.iter_captured(params, scale, lr):
-    for name, x in captured.items():
-      methods = [m for m in bounds if name in bounds[m]]
-      if methods:
-        below, upto = bound_fractions(x, jnp.asarray([bounds[m][name][0] for m in methods]),
-                                      jnp.asarray([bounds[m][name][1] for m in methods]))
-        below, upto = np.asarray(below) * 100.0, np.asarray(upto) * 100.0
-        for k, m in enumerate(methods):
-          pct[m][name] = (float(below[k]), float(upto[k]))
-      if name in hist_names:
-        lo, hi = float(jnp.min(x)), float(jnp.max(x))
-        span = [lo, hi] + [v for b in hist_bounds.values() if name in b for v in b[name][:2]]
-        a, b = min(span), max(span)
-        pad = 0.02 * (b - a) if b > a else 1e-3
-        counts, edges = jnp.histogram(x.reshape(-1), bins=HIST_BINS, range=(a - pad, b + pad))
-        hists[name] = {"counts": np.asarray(counts), "edges": np.asarray(edges), "min": lo,
-                       "max": hi, "numel": int(x.size)}
-    del captured
-  return hists, pct
+def bicubic_sr(lr: np.ndarray, scale: int) -> np.ndarray:
+  """The Bicubic row's uint8 SR, as the evaluation makes it (float32 before rounding)."""
+  return to_uint8(imresize(lr.astype(np.float64) / 255.0, scale).astype(np.float32))
 
 
 def _image_psnr(results: Mapping, method: str, dataset: str, image: str) -> float | None:
@@ -120,83 +67,224 @@ def _image_psnr(results: Mapping, method: str, dataset: str, image: str) -> floa
     return None
 
 
-def _sr_of(method: str, lr: np.ndarray, settings: FigureSettings, params: Mapping | None,
-           bound_path: Path | None) -> np.ndarray | None:
-  """The method's SR of one LR image, computed here (when the run did not keep it)."""
-  if method == "bicubic":
-    return to_uint8(predict.bicubic_predict(settings.scale)([lr])[0])
-  if params is None:
-    return None
-  variables = {"params": params}
-  if method != "fp":
-    if bound_path is None:
-      logging.info("figures: no bounds file for %s; it is left out of the visual", method)
-      return None
-    like = variable_shapes(settings.scale, "quant", settings.bits)["quant"]
-    variables["quant"] = bounds_file.load_bounds(bound_path, like)
-  fn = predict.jitted_apply(settings.scale, "fp" if method == "fp" else "quant", settings.bits)
-  p = predict.Predictor(fn, settings.scale, batch_size=1, variables=variables)
-  return to_uint8(p.predict([lr])[0])
-
-
-def visual(dataset: str, image, workdir: Path, results: Mapping, settings: FigureSettings,
-           params: Mapping | None, bound_paths: Mapping[str, Path],
-           kept: Mapping[str, np.ndarray] | None = None) -> Visual:
-  """Bicubic and every method in results on one image: `kept` SRs (from the run), else the
-  PNG saved under <workdir>/sr, else computed here."""
-  methods = ["bicubic"] + [m for m in ("fp",) + METHOD_ORDER if m in results.get("methods", {})]
+def visual(dataset: str, image: BenchmarkImage, results: Mapping, scale: int,
+           kept: Mapping[str, np.ndarray]) -> Visual:
+  """Bicubic, then every method of results in the paper's order, on one image: the SRs the run
+  kept (Bicubic is made here when it was not); a method without one is left out, with a note.
+  PSNR from results, else measured here."""
+  methods = [BICUBIC] + [m for m in ALL if m != BICUBIC and m in results.get("methods", {})]
   srs: dict[str, np.ndarray] = {}
   for method in methods:
-    saved = workdir / "sr" / method / dataset / f"{image.name}.png"
-    if kept and method in kept:
-      srs[method] = kept[method]
-    elif saved.is_file():
-      srs[method] = load_rgb(saved)
+    if method in kept:
+      srs[method] = np.asarray(kept[method])
+    elif method == BICUBIC:
+      srs[method] = bicubic_sr(image.lr, scale)
     else:
-      sr = _sr_of(method, image.lr, settings, params, bound_paths.get(method))
-      if sr is not None:
-        srs[method] = sr
+      logging.info("figures: no SR of %s/%s for %s; it is left out of the visual", dataset,
+                   image.name, method)
   psnrs = {}
   for m, sr in srs.items():
     p = _image_psnr(results, m, dataset, image.name)
-    psnrs[m] = p if p is not None else predict.score(sr, image.hr, settings.scale)[0]
+    psnrs[m] = p if p is not None else psnr_y(sr, image.hr, scale)
   return Visual(dataset, image.name, image.hr, srs, psnrs)
 
 
-def collect(settings: FigureSettings, workdir: str | Path, results: Mapping, *,
-            params: Mapping | None, calib_lr: np.ndarray | None,
-            datasets: Mapping[str, Sequence], default_method: str = "2dquant",
-            kept_srs: Mapping[tuple[str, str], Mapping[str, np.ndarray]] | None = None
-            ) -> FigureInputs:
-  """Gathers the `FigureInputs` of a workdir. Inputs that are missing (no params, no
-  calibration batch, an unknown image) leave their figures out, with a logged note."""
-  workdir = Path(workdir)
-  files = bound_files(workdir, default_method, results)
-  bounds = load_bound_dicts(files)
-  inputs = FigureInputs(scale=settings.scale, bits=int(results.get("bits", settings.bits)),
-                        bounds=bounds)
-  known = set(quantizer_order())
-  for n in settings.hist_quantizers:
-    if n not in known:
-      logging.warning("figures: report.hist_quantizers: unknown quantizer %r", n)
-  inputs.hist_names = [n for n in settings.hist_quantizers if n in known]
-  pct_bounds = {m: b for m, b in bounds.items() if m in ("dobi", "2dquant")}
-  if (inputs.hist_names or pct_bounds) and calib_lr is not None and params is not None:
-    lr = calib_lr[:settings.calib_patches] if settings.calib_patches > 0 else calib_lr
-    inputs.num_patches = len(lr)
-    inputs.hists, inputs.percentiles = tensor_stats(params, settings.scale, lr, pct_bounds,
-                                                    inputs.hist_names, bounds)
-  else:
-    logging.info("figures: skipping histograms and bound percentiles (no calibration batch, "
-                 "FP params or quantizers to show)")
+def collect(settings: FigureSettings, *, results: Mapping,
+            bounds: Mapping[str, Mapping[str, Sequence[float]]],
+            dqc_records: Sequence[Mapping], kept_srs: KeptSRs | None,
+            datasets: Mapping[str, Sequence[BenchmarkImage]], hists: Mapping,
+            percentiles: Mapping, num_patches: int) -> FigureInputs:
+  """The `FigureInputs` of a run, from what it computed (no disk, nothing recomputed).
+
+  bounds: {method: {quantizer: [l, u]}}; hists, percentiles, num_patches: `ptq.stats`'
+  statistics on the calibration batch; kept_srs: the SRs of the visual images; datasets: the
+  evaluated images. What is missing leaves its figure (or visual panel) out, with a note.
+  """
+  inputs = FigureInputs(
+      scale=settings.scale, bits=int(results.get("bits", settings.bits)),
+      bounds=_in_method_order({m: {n: [float(v) for v in lu[:2]] for n, lu in b.items()}
+                               for m, b in bounds.items()}))
+  inputs.hist_names = hist_names(settings)
+  inputs.hists = {n: dict(hists[n]) for n in inputs.hist_names if n in hists}
+  missing = [n for n in inputs.hist_names if n not in hists]
+  if missing:
+    logging.info("figures: no statistics for %s; their histograms are skipped", missing)
+  inputs.percentiles = _in_method_order(
+      {m: {n: (float(lo), float(hi)) for n, (lo, hi) in p.items()}
+       for m, p in percentiles.items() if p})
+  inputs.num_patches = int(num_patches)
   for dataset, name in settings.visual_images:
     image = next((i for i in datasets.get(dataset, ()) if i.name == name), None)
     if image is None:
       logging.info("figures: skipping visual %s/%s (not among the evaluated images)", dataset,
                    name)
       continue
-    inputs.visuals.append(visual(dataset, image, workdir, results, settings, params, files,
-                                 (kept_srs or {}).get((dataset, name))))
-  log_path = workdir / "dqc_log.jsonl"
-  inputs.dqc_records = read_dqc_log(log_path) if log_path.is_file() else []
+    inputs.visuals.append(visual(dataset, image, results, settings.scale,
+                                 (kept_srs or {}).get((dataset, name), {})))
+  inputs.dqc_records = sorted((dict(r) for r in dqc_records), key=lambda r: r["step"])
   return inputs
+
+
+def save_stats(workdir: str | Path, hists: Mapping, percentiles: Mapping, num_patches: int
+               ) -> Path:
+  """Writes <workdir>/figures/stats.npz (compressed, atomically): the statistics that
+  `from_workdir` reads back. Keys: 'num_patches', 'hist:<quantizer>:<field>',
+  'pct:<method>:names' and 'pct:<method>:values' (N, 2)."""
+  arrays = {"num_patches": np.asarray(int(num_patches))}
+  for name, h in hists.items():
+    for key in HIST_KEYS:
+      arrays[f"hist:{name}:{key}"] = np.asarray(h[key])
+  for method, p in percentiles.items():
+    arrays[f"pct:{method}:names"] = np.asarray(list(p), dtype=str)
+    arrays[f"pct:{method}:values"] = np.asarray(list(p.values()), np.float64).reshape(-1, 2)
+  path = Path(workdir) / "figures" / STATS_FILE
+  with files.atomic_path(path) as tmp, open(tmp, "wb") as f:
+    np.savez_compressed(f, **arrays)
+  return path
+
+
+# ---------------------------------------------------------------------------------------------
+# From a finished workdir.
+
+
+def load_stats(workdir: str | Path) -> tuple[dict, dict, int]:
+  """(hists, percentiles, num_patches) as `save_stats` wrote them; empty when absent."""
+  path = Path(workdir) / "figures" / STATS_FILE
+  if not path.is_file():
+    logging.info("figures: no %s; histograms and bound percentiles are skipped", path)
+    return {}, {}, 0
+  hists: dict[str, dict] = {}
+  names: dict[str, list[str]] = {}
+  values: dict[str, np.ndarray] = {}
+  with np.load(path, allow_pickle=False) as z:
+    num_patches = int(z["num_patches"])
+    for key in z.files:
+      kind, _, rest = key.partition(":")
+      owner, _, field = rest.rpartition(":")
+      if kind == "hist":
+        a = z[key]
+        hists.setdefault(owner, {})[field] = (a if a.ndim else
+                                              int(a) if field == "numel" else float(a))
+      elif kind == "pct" and field == "names":
+        names[owner] = [str(n) for n in z[key]]
+      elif kind == "pct" and field == "values":
+        values[owner] = z[key]
+  pct = {m: {n: (float(lo), float(hi)) for n, (lo, hi) in zip(names[m], values[m])}
+         for m in names}
+  return hists, pct, num_patches
+
+
+def read_dqc_log(path: str | Path) -> list[dict[str, Any]]:
+  """The records of dqc_log.jsonl (lines cut by a kill are dropped), sorted by step."""
+  records = []
+  for line in Path(path).read_text().splitlines():
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(rec, dict) and "step" in rec:
+      records.append(rec)
+  return sorted(records, key=lambda r: r["step"])
+
+
+def _read_results(workdir: Path) -> dict:
+  path = workdir / "results.json"
+  if not path.is_file():
+    raise FileNotFoundError(f"{path} not found: --workdir must be the workdir of a run")
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON ({e}); rerun the run that wrote it") from e
+
+
+def _bound_files(workdir: Path, results: Mapping) -> dict[str, Path]:
+  """{method: bounds file} named in results: each method's `bounds_file`, and the calibration
+  bounds a DQC method started from (`start_bounds_file`) under its calibration's name."""
+  found: dict[str, Path] = {}
+  for method, entry in (results.get("methods") or {}).items():
+    if not isinstance(entry, Mapping):
+      continue
+    if entry.get("bounds_file"):
+      found[method] = workdir / entry["bounds_file"]
+    spec = REGISTRY.get(method)
+    if entry.get("start_bounds_file") and spec is not None and spec.dqc:
+      found.setdefault(spec.calibration, workdir / entry["start_bounds_file"])
+  return found
+
+
+def _load_bounds(files_of: Mapping[str, Path]) -> dict[str, dict[str, list[float]]]:
+  """{method: {quantizer: [l, u]}}; a missing or unreadable file is left out with a note."""
+  out = {}
+  for method, path in files_of.items():
+    try:
+      out[method] = tree_to_dict(bounds_file.load_bounds(path))
+    except (OSError, ValueError) as e:
+      logging.warning("figures: skipping the bounds of %s (%s)", method, e)
+  return out
+
+
+def _visual_datasets(results: Mapping, settings: FigureSettings
+                     ) -> dict[str, list[BenchmarkImage]]:
+  """The benchmark sets of the visual images, from the data root the run used."""
+  root = (results.get("data") or {}).get("root")
+  out = {}
+  for dataset in dict.fromkeys(d for d, _ in settings.visual_images):
+    try:
+      if not root:
+        raise FileNotFoundError("results.json names no data root")
+      out[dataset] = load_benchmark(root, dataset, settings.scale)
+    except (OSError, ValueError) as e:
+      logging.info("figures: skipping the visuals of %s (%s)", dataset, e)
+  return out
+
+
+def _saved_srs(workdir: Path, results: Mapping, settings: FigureSettings) -> dict:
+  """{(dataset, image): {method: SR}} of the PNGs under <workdir>/sr (eval.save_sr)."""
+  kept: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+  for dataset, image in settings.visual_images:
+    for method in dict.fromkeys([BICUBIC, *(results.get("methods") or {})]):
+      png = workdir / "sr" / method / dataset / f"{image}.png"
+      if png.is_file():
+        kept.setdefault((dataset, image), {})[method] = load_rgb(png)
+  return kept
+
+
+def from_workdir(workdir: str | Path) -> FigureInputs:
+  """The `FigureInputs` of a finished workdir, read back without recomputing anything: what the
+  run did not save (statistics, SR PNGs, a benchmark no longer there) is left out, with a note.
+  """
+  workdir = Path(workdir)
+  results = _read_results(workdir)
+  try:
+    settings = figure_settings(results["config"])
+  except (KeyError, TypeError) as e:
+    raise ValueError(f"{workdir / 'results.json'} lacks the run's config ({e!r} missing); "
+                     "rerun with this version to redraw its figures") from e
+  log = workdir / "dqc_log.jsonl"
+  hists, percentiles, num_patches = load_stats(workdir)
+  return collect(settings, results=results,
+                 bounds=_load_bounds(_bound_files(workdir, results)),
+                 dqc_records=read_dqc_log(log) if log.is_file() else [],
+                 kept_srs=_saved_srs(workdir, results, settings),
+                 datasets=_visual_datasets(results, settings), hists=hists,
+                 percentiles=percentiles, num_patches=num_patches)
+
+
+def main(argv: Sequence[str] | None = None) -> list[str]:
+  """`python -m twodquant_jax.report.inputs --workdir DIR`: redraws DIR/figures/*.png."""
+  parser = argparse.ArgumentParser(
+      prog="python -m twodquant_jax.report.inputs",
+      description="Redraws the figures of a finished workdir into <workdir>/figures from what "
+                  "the run saved (nothing is recomputed).")
+  parser.add_argument("--workdir", required=True, help="the workdir of a finished run")
+  args = parser.parse_args(argv)
+  logging.set_verbosity(logging.INFO)
+  try:
+    inputs = from_workdir(args.workdir)
+  except (OSError, ValueError) as e:
+    parser.exit(2, f"error: {e}\n")
+  return write_all(inputs, Path(args.workdir) / "figures")  # each path is logged
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
