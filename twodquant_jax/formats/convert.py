@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+from flax import traverse_util
 
 from twodquant_jax.data import download
 from twodquant_jax.data.download import default_cache_dir
@@ -103,22 +104,6 @@ def _flax_path(key: str) -> tuple[tuple[str, ...], str] | None:
   return None
 
 
-def _set(tree: dict, path: tuple[str, ...], value: np.ndarray) -> None:
-  for p in path[:-1]:
-    tree = tree.setdefault(p, {})
-  tree[path[-1]] = value
-
-
-def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
 def infer_scale(sd: Mapping[str, np.ndarray]) -> int:
   """The upscale factor from the pixelshuffledirect conv: 3 * s * s output channels."""
   w = sd.get("upsample.0.weight")
@@ -177,7 +162,7 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], reference_params: Mapping,
   `reference_params` is an initialised parameter tree of the target model (shapes only). Every
   checkpoint tensor must land on a parameter of the same shape, and every parameter must be set.
   """
-  tree: dict = {}
+  flat: dict[tuple[str, ...], np.ndarray] = {}
   unexpected = []
   for key, value in sd.items():
     if _BUFFERS.search(key):
@@ -193,9 +178,9 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], reference_params: Mapping,
         unexpected.append(f"{key} {value.shape}")
         continue
       value = value.T if value.ndim == 2 else value.transpose(2, 3, 1, 0)
-    _set(tree, path, np.ascontiguousarray(value))
-  want = _flatten(reference_params)
-  got = _flatten(tree)
+    flat[path] = np.ascontiguousarray(value)
+  want = traverse_util.flatten_dict(reference_params)
+  got = flat
   unexpected += [".".join(p) for p in got if p not in want]
   missing = [".".join(p) for p in want if p not in got]
   bad = [f"{'.'.join(p)}: checkpoint {got[p].shape} vs model {tuple(want[p].shape)}"
@@ -209,7 +194,7 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], reference_params: Mapping,
     if bad:
       lines.append(f"shape mismatch ({len(bad)}): {'; '.join(bad[:5])}")
     raise CheckpointError(f"{source} does not fit SwinIR-light: " + " | ".join(lines))
-  return tree
+  return traverse_util.unflatten_dict(flat)
 
 
 def load_checkpoint(path: str | Path, scale: int, reference_params: Mapping
