@@ -274,7 +274,9 @@ def _initial_bounds(config, params, ckpt_bounds, results, calib_lr, workdir: Pat
   like = variable_shapes(config.scale, "quant", config.bits)["quant"]
   given = None
   if config.model.bounds:
-    given, source = bounds_file.load_bounds(config.model.bounds, like), config.model.bounds
+    given = bounds_file.load_bounds(config.model.bounds, like, bits=config.bits,
+                                    scale=config.scale)
+    source = config.model.bounds
   elif ckpt_bounds:
     given, source = qnames.dict_to_tree(ckpt_bounds, like), config.model.packed or "checkpoint"
   bounds: dict[str, dict] = {}
