@@ -33,7 +33,7 @@ from twodquant_jax.data.images import save_png
 from twodquant_jax.eval import predict as evaluate
 from twodquant_jax.eval import ratios, validation
 from twodquant_jax.formats import bounds_file, convert, packed
-from twodquant_jax.data import download
+from twodquant_jax.data import download, weights
 from twodquant_jax.nn.swinir import SwinIR, variable_shapes
 from twodquant_jax import methods as method_registry
 from twodquant_jax.nn import names as qnames
@@ -80,7 +80,7 @@ def load_params(config: ml_collections.ConfigDict) -> tuple[dict, dict, Path]:
     params, quant, _ = packed.load_packed(config.model.packed, config.scale, config.bits)
     return (jax.tree_util.tree_map(jnp.asarray, params), qnames.tree_to_dict(quant),
             Path(config.model.packed))
-  path = convert.resolve_checkpoint(config.model.checkpoint or None, config.scale,
+  path = weights.resolve_checkpoint(config.model.checkpoint or None, config.scale,
                                     config.model.cache_dir or None, mirror=config.data.mirror,
                                     progress=_progress(config),
                                     download_ok=bool(config.data.download),
