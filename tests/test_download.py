@@ -402,3 +402,13 @@ def test_two_runs_sharing_a_cache_take_turns(server, tmp_path):
     t.join(60)
   assert errors == [] and out == [cache / "Set14"] * 2
   assert len(server.requests) == 1 and len(list((cache / "Set14" / "HR").iterdir())) == 4
+
+
+def test_every_cache_is_below_the_cache_root(tmp_path, monkeypatch):
+  """Weights and data sets go to <$TWODQUANT_CACHE>/weights and /data (cache.subdir), so one
+  variable moves every cache; offline, the one-line error names that folder."""
+  monkeypatch.setenv("TWODQUANT_CACHE", str(tmp_path / "root"))
+  with pytest.raises(DownloadError, match=re.escape(str(tmp_path / "root" / "weights"))):
+    weights.fetch_official(4, download_ok=False)
+  with pytest.raises(DownloadError, match=re.escape(f"cache {tmp_path / 'root' / 'data'} ")):
+    data_cache.resolve(data_cache.DataSettings(datasets=("Set5",), download=False))
