@@ -140,8 +140,8 @@ def _transfer(url: str, part: Path, *, progress: bool, timeout: float) -> None:
     if offset and start:
       logging.info("%s: resuming at %.1f MB", url, start / 1e6)
     name = Path(urllib.parse.urlsplit(url).path).name or url
-    with Progress(total, name, initial=start, unit="B", bar=None if progress else False) as bar, \
-        open(part, "ab" if start else "wb") as f:
+    with (Progress(total, name, initial=start, unit="B", bar=None if progress else False) as bar,
+          open(part, "ab" if start else "wb") as f):
       for chunk in iter(lambda: resp.read(CHUNK), b""):
         f.write(chunk)
         bar.update(len(chunk))
