@@ -7,6 +7,8 @@ import logging
 import numpy as np
 import pytest
 
+from configs import base
+from twodquant_jax import pipeline
 from twodquant_jax.formats import bounds_file
 from twodquant_jax.formats.torch_pickle import load_pth
 from twodquant_jax.nn import names as qnames
@@ -88,3 +90,18 @@ def test_other_quantizer_count_is_refused(reference, tmp_path, like, which):
   path = make(reference, tmp_path, drop=2)
   _refused(path, like, "holds 382 quantizer bounds, but this model has 384 quantizers",
            bits=4, scale=4)
+
+
+def test_a_run_refuses_bounds_of_other_bits(reference, benchmarks, tmp_path):
+  """The pipeline passes the run's bits and scale: a W2 run given W4 bounds stops before any
+  evaluation, naming the file and both bit widths."""
+  hr = tmp_path / "bench" / "Set5" / "HR"
+  hr.mkdir(parents=True)
+  (hr / "baby.png").write_bytes((benchmarks / "Set5" / "HR" / "baby.png").read_bytes())
+  c = base.get_config(scale=4, bits=2, method="dobi")
+  c.data.root, c.eval.datasets, c.progress = str(tmp_path / "bench"), "Set5", False
+  c.model.checkpoint = str(reference / "swinir_light_x4_random.pth")
+  c.model.bounds = str(reference / AUTHORS_JSON)
+  with pytest.raises(ValueError, match=r"holds W4 bounds, but this run is W2 \(config.bits=2\)"):
+    pipeline.run(c, tmp_path / "run")
+  assert not (tmp_path / "run" / "results.md").exists()
