@@ -20,7 +20,7 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
 
   c.model = ml_collections.ConfigDict()
   c.model.checkpoint = ""  # local .pth; empty = download the official release file (sha256-checked)
-  c.model.cache_dir = ""  # download cache; empty = $TWODQUANT_CACHE or ~/.cache/twodquant_jax
+  c.model.cache_dir = ""  # empty = $TWODQUANT_CACHE/weights or ~/.cache/twodquant_jax/weights
   c.model.bounds = ""  # evaluate given bounds (bounds.json or the authors' net_Q_*.pth), skip calibration
   # evaluate a packed low-bit file (model_<method>_x{s}_w{b}.safetensors) without the FP checkpoint:
   # weights and bounds come from the file, `method` only names the results row

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from twodquant_jax.formats import convert
-from twodquant_jax.data import download
+from twodquant_jax.data import download, weights
 from twodquant_jax.data.download import DownloadError
 from twodquant_jax.nn.swinir import SwinIR
 from twodquant_jax.formats.torch_pickle import CheckpointError, load_pth
@@ -72,7 +72,7 @@ def test_text_file_renamed_pth(tmp_path):
 
 def test_missing_file(tmp_path):
   with pytest.raises(FileNotFoundError):
-    convert.resolve_checkpoint(str(tmp_path / "nope.pth"), 4)
+    weights.resolve_checkpoint(str(tmp_path / "nope.pth"), 4)
 
 
 def test_wrong_scale_for_config(reference):
@@ -120,23 +120,23 @@ def test_download_checks_sha_and_caches(tmp_path, reference, monkeypatch):
   """The download path end to end, served from a file:// URL (no network here): a good file is
   verified and cached; a corrupt cache is refetched; a digest mismatch is a clear error and
   leaves no partial file behind."""
-  name, _ = convert.OFFICIAL[4]
+  name, _ = weights.OFFICIAL[4]
   server = tmp_path / "server"
   server.mkdir()
   (server / name).write_bytes((reference / "swinir_light_x4_random.pth").read_bytes())
   good = download.sha256sum(server / name)
-  monkeypatch.setattr(convert, "RELEASE", server.as_uri() + "/")
-  monkeypatch.setitem(convert.OFFICIAL, 4, (name, good))
+  monkeypatch.setattr(weights, "RELEASE", server.as_uri() + "/")
+  monkeypatch.setitem(weights.OFFICIAL, 4, (name, good))
   cache = tmp_path / "cache"
-  path = convert.fetch_official(4, cache)
+  path = weights.fetch_official(4, cache)
   assert path == cache / name and download.sha256sum(path) == good
   path.write_bytes(b"corrupted cache")
-  assert download.sha256sum(convert.fetch_official(4, cache)) == good
-  monkeypatch.setitem(convert.OFFICIAL, 4, (name, "0" * 64))
+  assert download.sha256sum(weights.fetch_official(4, cache)) == good
+  monkeypatch.setitem(weights.OFFICIAL, 4, (name, "0" * 64))
   (cache / name).unlink()
   with pytest.raises(DownloadError, match="sha256"):
-    convert.fetch_official(4, cache)
+    weights.fetch_official(4, cache)
   assert list(cache.iterdir()) == []
-  monkeypatch.setattr(convert, "RELEASE", (tmp_path / "nowhere").as_uri() + "/")
+  monkeypatch.setattr(weights, "RELEASE", (tmp_path / "nowhere").as_uri() + "/")
   with pytest.raises(DownloadError, match="--config.model.checkpoint"):
-    convert.fetch_official(4, cache)
+    weights.fetch_official(4, cache)

@@ -110,9 +110,14 @@ def test_bounds_file_round_trip_and_errors(calibrated, tmp_path):
   back = bounds_file.load_bounds(tmp_path / "bounds.json", like)
   assert qnames.tree_to_dict(back) == qnames.tree_to_dict(quant)
   data = json.loads((tmp_path / "bounds.json").read_text())
-  data["bounds"].pop(next(iter(data["bounds"])))
-  (tmp_path / "short.json").write_text(json.dumps(data))
+  first = next(iter(data["bounds"]))
+  data["bounds"]["not.a.quantizer"] = data["bounds"].pop(first)
+  (tmp_path / "renamed.json").write_text(json.dumps(data))
   with pytest.raises(ValueError, match="1 missing"):
+    bounds_file.load_bounds(tmp_path / "renamed.json", like)
+  data["bounds"].pop("not.a.quantizer")
+  (tmp_path / "short.json").write_text(json.dumps(data))
+  with pytest.raises(ValueError, match="holds 383 quantizer bounds, but this model has 384"):
     bounds_file.load_bounds(tmp_path / "short.json", like)
   (tmp_path / "junk.json").write_text("not json")
   with pytest.raises(ValueError, match="not a JSON"):

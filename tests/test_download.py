@@ -1,7 +1,6 @@
 """Data downloads, offline: a loopback HTTP server (with Range support) serves small archives made
 here, laid out like the real sources' paths, through `data.mirror`."""
 
-import importlib.util
 import io
 import json
 import os
@@ -22,7 +21,7 @@ import pytest
 from twodquant_jax import pipeline, settings
 from twodquant_jax.data import sources
 from twodquant_jax.data.benchmarks import load_benchmark
-from twodquant_jax.data import fetch as data_cache, download
+from twodquant_jax.data import fetch as data_cache, download, weights
 from twodquant_jax.data.download import DownloadError
 from shared_paths import REPO_ROOT
 
@@ -308,18 +307,6 @@ def test_mirror_url():
     download.mirror_url(url, "127.0.0.1:8000")
 
 
-def test_div2k_digest_is_the_one_tfds_publishes():
-  """The registry's DIV2K digest and size agree with TFDS's checksums file (read as text:
-  importing tensorflow_datasets is not needed)."""
-  spec = importlib.util.find_spec("tensorflow_datasets")
-  assert spec is not None, "tensorflow-datasets is in requirements.txt"
-  tsv = Path(spec.submodule_search_locations[0]) / "datasets" / "div2k" / "checksums.tsv"
-  rows = {line.split("\t")[0]: line.split("\t")[1:3] for line in tsv.read_text().splitlines()
-          if line.strip()}
-  remote = sources.SOURCES["DIV2K"].remotes[0]
-  assert rows[remote.url] == [str(remote.size), remote.sha256]
-
-
 def test_config_defaults_and_validation(tmp_path):
   sys.path.insert(0, str(REPO_ROOT))
   from configs import base
@@ -363,20 +350,19 @@ def test_main_offline_stops_with_one_line(tmp_path, reference):
 def test_official_weights_through_the_mirror_and_offline(server, tmp_path, reference, monkeypatch):
   """The weights use the same module: fetched through the mirror at the release path, and with
   downloads off only the cached file is accepted (no request)."""
-  from twodquant_jax.formats import convert
-  name, _ = convert.OFFICIAL[4]
-  path = _serve(server, convert.RELEASE + name,
+  name, _ = weights.OFFICIAL[4]
+  path = _serve(server, weights.RELEASE + name,
                 (reference / "swinir_light_x4_random.pth").read_bytes())
-  monkeypatch.setitem(convert.OFFICIAL, 4, (name, download.sha256sum(path)))
+  monkeypatch.setitem(weights.OFFICIAL, 4, (name, download.sha256sum(path)))
   cache = tmp_path / "models"
   with pytest.raises(DownloadError, match=r"downloads are off .*--config\.model\.checkpoint="):
-    convert.resolve_checkpoint(None, 4, str(cache), mirror=server.url, download_ok=False)
+    weights.resolve_checkpoint(None, 4, str(cache), mirror=server.url, download_ok=False)
   assert server.requests == []
-  got = convert.resolve_checkpoint(None, 4, str(cache), mirror=server.url, progress=False)
+  got = weights.resolve_checkpoint(None, 4, str(cache), mirror=server.url, progress=False)
   assert got == cache / name and got.read_bytes() == path.read_bytes()
   assert [p for p, _ in server.requests] == [
       "/JingyunLiang/SwinIR/releases/download/v0.0/" + name]
-  assert convert.resolve_checkpoint(None, 4, str(cache), mirror=server.url,
+  assert weights.resolve_checkpoint(None, 4, str(cache), mirror=server.url,
                                     download_ok=False) == got
   assert len(server.requests) == 1
 
@@ -384,18 +370,17 @@ def test_official_weights_through_the_mirror_and_offline(server, tmp_path, refer
 def test_mirror_digest_for_other_weights(server, tmp_path, reference):
   """A mirror holding another file at the weights' release path is refused against the pinned
   digest, and accepted (still verified) with its own digest given for the original URL."""
-  from twodquant_jax.formats import convert
-  name, _ = convert.OFFICIAL[4]
-  path = _serve(server, convert.RELEASE + name, (reference / "standin_x4.pth").read_bytes())
+  name, _ = weights.OFFICIAL[4]
+  path = _serve(server, weights.RELEASE + name, (reference / "standin_x4.pth").read_bytes())
   with pytest.raises(DownloadError, match="sha256"):
-    convert.resolve_checkpoint(None, 4, str(tmp_path / "a"), mirror=server.url, progress=False)
-  got = convert.resolve_checkpoint(
+    weights.resolve_checkpoint(None, 4, str(tmp_path / "a"), mirror=server.url, progress=False)
+  got = weights.resolve_checkpoint(
       None, 4, str(tmp_path / "b"), mirror=server.url, progress=False,
-      mirror_digests={convert.RELEASE + name: download.sha256sum(path)})
+      mirror_digests={weights.RELEASE + name: download.sha256sum(path)})
   assert got.read_bytes() == path.read_bytes()
   with pytest.raises(DownloadError, match="sha256"):  # a wrong given digest still fails
-    convert.resolve_checkpoint(None, 4, str(tmp_path / "c"), mirror=server.url, progress=False,
-                               mirror_digests={convert.RELEASE + name: "0" * 64})
+    weights.resolve_checkpoint(None, 4, str(tmp_path / "c"), mirror=server.url, progress=False,
+                               mirror_digests={weights.RELEASE + name: "0" * 64})
 
 
 def test_two_runs_sharing_a_cache_take_turns(server, tmp_path):
@@ -417,3 +402,13 @@ def test_two_runs_sharing_a_cache_take_turns(server, tmp_path):
     t.join(60)
   assert errors == [] and out == [cache / "Set14"] * 2
   assert len(server.requests) == 1 and len(list((cache / "Set14" / "HR").iterdir())) == 4
+
+
+def test_every_cache_is_below_the_cache_root(tmp_path, monkeypatch):
+  """Weights and data sets go to <$TWODQUANT_CACHE>/weights and /data (cache.subdir), so one
+  variable moves every cache; offline, the one-line error names that folder."""
+  monkeypatch.setenv("TWODQUANT_CACHE", str(tmp_path / "root"))
+  with pytest.raises(DownloadError, match=re.escape(str(tmp_path / "root" / "weights"))):
+    weights.fetch_official(4, download_ok=False)
+  with pytest.raises(DownloadError, match=re.escape(f"cache {tmp_path / 'root' / 'data'} ")):
+    data_cache.resolve(data_cache.DataSettings(datasets=("Set5",), download=False))

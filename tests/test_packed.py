@@ -7,6 +7,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import traverse_util
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -76,8 +77,8 @@ def test_load_is_lossless_for_the_quantized_model(model, exported):
   assert len(json.loads(meta["act_quantizers"])) == 240
   assert qnames.tree_to_dict(q2) == qnames.tree_to_dict(quant)
   bounds = qnames.tree_to_dict(quant)
-  flat1 = convert._flatten(params)
-  flat2 = convert._flatten(p2)
+  flat1 = traverse_util.flatten_dict(params)
+  flat2 = traverse_util.flatten_dict(p2)
   assert set(flat1) == set(flat2)
   quantized = 0
   fq = jax.jit(fake_quant, static_argnums=3)

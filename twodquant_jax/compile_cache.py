@@ -7,12 +7,11 @@ project cache, $TWODQUANT_CACHE or ~/.cache/twodquant_jax; a path; empty: off).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import jax
 
-from twodquant_jax.data.download import default_cache_dir
+from twodquant_jax import cache
 
 DEFAULT = "default"  # <$TWODQUANT_CACHE or ~/.cache/twodquant_jax>/xla, beside the other caches
 
@@ -23,11 +22,7 @@ def enable(cache_dir: str) -> Path | None:
   Returns the folder, or None when off."""
   if not cache_dir:
     return None
-  if cache_dir == DEFAULT:
-    path = default_cache_dir() / "xla"
-  else:
-    path = Path(os.path.expanduser(str(cache_dir)))
-  path = path.resolve()
+  path = cache.subdir("xla", "" if cache_dir == DEFAULT else cache_dir).resolve()
   path.mkdir(parents=True, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", str(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

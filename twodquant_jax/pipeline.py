@@ -26,7 +26,7 @@ from absl import logging
 from twodquant_jax import compile_cache, distributed, files, host_runtime
 from twodquant_jax import methods as method_registry
 from twodquant_jax import workdir as workdir_guard
-from twodquant_jax.data import download, fetch, patches
+from twodquant_jax.data import download, fetch, patches, weights
 from twodquant_jax.data.benchmarks import load_benchmark
 from twodquant_jax.data.images import save_png
 from twodquant_jax.eval import predict as evaluate
@@ -158,7 +158,7 @@ def load_params(settings: RunSettings) -> tuple[dict, dict, Path]:
     params, quant, _ = packed.load_packed(s.model.packed, s.scale, s.bits)
     return (jax.tree_util.tree_map(jnp.asarray, params), qnames.tree_to_dict(quant),
             Path(s.model.packed))
-  path = convert.resolve_checkpoint(s.model.checkpoint or None, s.scale,
+  path = weights.resolve_checkpoint(s.model.checkpoint or None, s.scale,
                                     s.model.cache_dir or None, mirror=s.data.mirror,
                                     progress=_progress(s), download_ok=s.data.download,
                                     mirror_digests=dict(s.data.mirror_checksums))
@@ -391,7 +391,8 @@ def _initial_bounds(settings: RunSettings, params: dict, ckpt_bounds: dict, reco
   like = variable_shapes(s.scale, "quant", s.bits)["quant"]
   given = None
   if s.model.bounds:
-    given, source = bounds_file.load_bounds(s.model.bounds, like), s.model.bounds
+    given = bounds_file.load_bounds(s.model.bounds, like, bits=s.bits, scale=s.scale)
+    source = s.model.bounds
   elif ckpt_bounds:
     given, source = qnames.dict_to_tree(ckpt_bounds, like), s.model.packed or "checkpoint"
   if given is not None:

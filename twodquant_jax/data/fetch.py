@@ -24,11 +24,13 @@ from pathlib import Path
 
 from absl import logging
 
-from twodquant_jax.data import sources
-from twodquant_jax.data import download
+from twodquant_jax import cache as cache_root
+from twodquant_jax.data import download, sources
 from twodquant_jax.data.download import DownloadError
 from twodquant_jax.settings import DataSettings
+from twodquant_jax.files import write_json
 
+SUBDIR = "data"  # <cache root>/data, unless data.cache names another folder
 MANIFEST = "source.json"
 RECORDS = "checksums.json"
 IMAGE_SUFFIXES = (".png",)
@@ -40,11 +42,6 @@ class DataRoots:
   calib_root: Path
   datasets: tuple[str, ...]  # the requested sets that are available, in the requested order
   missing: tuple[str, ...]  # requested sets left out (Manga109 when it is not there)
-
-
-def cache_dir(cache: str = "") -> Path:
-  """`cache`, else $TWODQUANT_CACHE/data, else ~/.cache/twodquant_jax/data."""
-  return Path(cache).expanduser() if cache else download.default_cache_dir() / "data"
 
 
 def is_complete(folder: Path) -> bool:
@@ -72,7 +69,7 @@ def _local_flag(name: str) -> str:
 
 def ensure(name: str, s: DataSettings) -> Path:
   """`<cache>/<name>` holding `HR/*.png`, downloaded and laid out first when missing."""
-  cache = cache_dir(s.cache)
+  cache = cache_root.subdir(SUBDIR, s.cache)
   folder = cache / name
   if is_complete(folder):
     return folder
@@ -124,9 +121,9 @@ def _fetch_set(src: sources.Source, folder: Path, s: DataSettings, hint: str) ->
                             f"(cache: {cache}; {hint})")
       if len(files) != src.images:
         logging.warning("%s: %d images, expected %d", name, len(files), src.images)
-      (tmp / MANIFEST).write_text(json.dumps({
+      write_json(tmp / MANIFEST, {
           "name": name, "urls": [r.url for r in src.remotes], "mirror": s.mirror,
-          "licence": src.licence, "files": files}, indent=1))
+          "licence": src.licence, "files": files})
     shutil.rmtree(downloads, ignore_errors=True)  # unpacked: the archives are not kept
   finally:  # partial downloads stay for the next run to resume; empty folders go
     for d in (downloads, downloads.parent):
@@ -139,7 +136,7 @@ def _fetch_set(src: sources.Source, folder: Path, s: DataSettings, hint: str) ->
 
 def resolve(s: DataSettings) -> DataRoots:
   """The benchmark root and calibration folder of a run, downloading missing sets (see module)."""
-  cache = cache_dir(s.cache)
+  cache = cache_root.subdir(SUBDIR, s.cache)
   missing: list[str] = []
   if s.root:
     data_root, datasets = Path(s.root).expanduser(), list(s.datasets)

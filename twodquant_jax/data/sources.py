@@ -3,9 +3,10 @@
 Every set lands as `<root>/<Name>/HR/*.png` (the layout `benchmarks.load_benchmark` and
 `patches.load_patch_source` read). `data/fetch.py` downloads and lays them out.
 
-Digests: DIV2K's are the ones TFDS publishes for its `div2k` builder (tensorflow-datasets
-4.9.10, `tensorflow_datasets/datasets/div2k/checksums.tsv`; tests check they still agree when the
-package is installed). Set5's are pinned to the files of JingyunLiang/SwinIR @ 6545850
+Digests: DIV2K's (sha256 and size) are the ones TFDS publishes for its `div2k` builder
+(tensorflow-datasets 4.9.10, `tensorflow_datasets/datasets/div2k/checksums.tsv`, row of
+DIV2K_train_HR.zip: 3530603713 bytes; copied here and compared equal when tensorflow-datasets
+left the requirements, so the package is not needed to trust them). Set5's are pinned to the files of JingyunLiang/SwinIR @ 6545850
 (testsets/Set5/HR). The Hugging Face archives of Set14 / B100 / Urban100 have no published
 digest: they are trusted on first use (the first download's digest is recorded in
 `<cache>/checksums.json` and every later download must match it).

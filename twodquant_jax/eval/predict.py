@@ -15,12 +15,12 @@ from typing import Callable, Iterable, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from twodquant_jax.eval import metrics
 from twodquant_jax.data.benchmarks import BenchmarkImage
 from twodquant_jax.data.images import to_uint8
 from twodquant_jax.nn.swinir import SwinIR
+from twodquant_jax.progress import Progress
 
 
 def flip_pad(img: np.ndarray, multiple: int = 8) -> np.ndarray:
@@ -217,19 +217,18 @@ def evaluate_images(predict: Callable[[Sequence[np.ndarray]], list[np.ndarray]],
   """
   start = time.perf_counter()
   per_image = {}
-  bar = tqdm(total=len(images), desc=desc, disable=not progress, leave=False)
-  for k in range(0, len(images), chunk):
-    batch = images[k:k + chunk]
-    for img, sr in zip(batch, predict([b.lr for b in batch])):
-      sr8 = to_uint8(sr)
-      if sr8.shape != img.hr.shape:
-        raise ValueError(f"{img.name}: SR shape {sr8.shape} != HR shape {img.hr.shape}")
-      psnr, ssim = score(sr8, img.hr, scale)
-      per_image[img.name] = {"psnr": psnr, "ssim": ssim}
-      if on_image is not None:
-        on_image(img, sr8)
-      bar.update(1)
-  bar.close()
+  with Progress(len(images), desc, bar=None if progress else False) as bar:
+    for k in range(0, len(images), chunk):
+      batch = images[k:k + chunk]
+      for img, sr in zip(batch, predict([b.lr for b in batch])):
+        sr8 = to_uint8(sr)
+        if sr8.shape != img.hr.shape:
+          raise ValueError(f"{img.name}: SR shape {sr8.shape} != HR shape {img.hr.shape}")
+        psnr, ssim = score(sr8, img.hr, scale)
+        per_image[img.name] = {"psnr": psnr, "ssim": ssim}
+        if on_image is not None:
+          on_image(img, sr8)
+        bar.update(1)
   vals = list(per_image.values())
   return {
       "psnr": float(np.mean([v["psnr"] for v in vals])) if vals else float("nan"),

@@ -11,24 +11,17 @@ from __future__ import annotations
 from typing import Mapping
 
 import numpy as np
+from flax import traverse_util
 
 from twodquant_jax.nn.swinir import SwinIR
 
 _LINEARS = ("qkv", "proj", "fc1", "fc2")
 
 
-def _walk(tree: Mapping, path=()):
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      yield from _walk(v, path + (k,))
-    else:
-      yield path + (k,), v
-
-
 def param_counts(params: Mapping) -> dict[str, int]:
   """Parameter counts by kind: 'linear_weight' (quantized), 'bias_table', 'other'."""
   counts = {"linear_weight": 0, "bias_table": 0, "other": 0}
-  for path, v in _walk(params):
+  for path, v in traverse_util.flatten_dict(params).items():
     n = int(np.prod(np.shape(v)))
     if path[-1] == "relative_position_bias_table":
       counts["bias_table"] += n

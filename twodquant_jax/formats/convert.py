@@ -4,7 +4,7 @@ Reads the `.pth` without torch (`torch_pickle.load_pth`), maps every tensor to t
 `models.swinir.SwinIR` (torch Linear (out, in) -> Dense kernel (in, out); Conv (O, I, kh, kw) ->
 (kh, kw, I, O); LayerNorm weight -> scale), drops the `attn_mask` / `relative_position_index`
 buffers (recomputed for the actual input size), and checks that every key is used and every
-shape matches. Also fetches the official release files (`data/download.py`: URL + sha256 + cache).
+shape matches. Fetching the official release files is `data/weights.py`'s job.
 """
 
 from __future__ import annotations
@@ -14,59 +14,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+from flax import traverse_util
 
-from twodquant_jax.data import download
-from twodquant_jax.data.download import default_cache_dir
 from twodquant_jax.formats.torch_pickle import CheckpointError, load_pth
 from twodquant_jax.nn.names import BOUND_KEY, QUANTIZER_STATE, path_from_name
 
-RELEASE = "https://github.com/JingyunLiang/SwinIR/releases/download/v0.0/"
-OFFICIAL = {
-    2: ("002_lightweightSR_DIV2K_s64w8_SwinIR-S_x2.pth",
-        "193b229909ca89cd8b55de9c9e7fce146ae759d59dfcd78d8feb9dd1d6fa0fd7"),
-    3: ("002_lightweightSR_DIV2K_s64w8_SwinIR-S_x3.pth",
-        "53af0cf0b15876752c1c2646a71444f739523b3d562e126d200521a817ab5d2c"),
-    4: ("002_lightweightSR_DIV2K_s64w8_SwinIR-S_x4.pth",
-        "09fad24e32ae62722e1a055efde9921328f4137981bab0a42a4a3a806306c58e"),
-}
 _BUFFERS = re.compile(r"(attn_mask|relative_position_index)$")
 _SPLIT_QKV = re.compile(r"^(.*\.attn\.qkv)\.([qkv])\.(weight|bias)$")
-
-
-def fetch_official(scale: int, cache_dir: str | Path | None = None, *, mirror: str = "",
-                   progress: bool = True, download_ok: bool = True,
-                   mirror_digests: Mapping[str, str] | None = None) -> Path:
-  """Returns the official SwinIR-light checkpoint for `scale`, downloading it once into the cache.
-
-  Through `download.fetch`: verified against the published sha256, resumable, never left half
-  written under its final name; `mirror` replaces the release host (same path);
-  `download_ok=False` only accepts the cached file. `mirror_digests` ({original URL: sha256},
-  only with a mirror) names the digest of a mirror's own version of the file.
-  """
-  if scale not in OFFICIAL:
-    raise ValueError(f"no official SwinIR-light checkpoint for scale {scale} (2, 3 or 4)")
-  name, digest = OFFICIAL[scale]
-  cache = Path(cache_dir) if cache_dir else default_cache_dir()
-  url = RELEASE + name
-  if mirror and mirror_digests and url in mirror_digests:
-    digest = mirror_digests[url]
-  return download.fetch(download.mirror_url(url, mirror), cache / name, sha256=digest,
-                        hint="to use a local file pass --config.model.checkpoint=/path/to/file.pth",
-                        progress=progress, offline=not download_ok)
-
-
-def resolve_checkpoint(checkpoint: str | None, scale: int, cache_dir: str | None = None, *,
-                       mirror: str = "", progress: bool = True, download_ok: bool = True,
-                       mirror_digests: Mapping[str, str] | None = None) -> Path:
-  """A local path when given (must exist), else the official file for `scale` (downloaded, from
-  `mirror` when given, unless `download_ok` is False)."""
-  if checkpoint:
-    path = Path(checkpoint).expanduser()
-    if not path.is_file():
-      raise FileNotFoundError(f"checkpoint not found: {path}")
-    return path
-  return fetch_official(scale, cache_dir, mirror=mirror, progress=progress,
-                        download_ok=download_ok, mirror_digests=mirror_digests)
 
 
 def state_dict_from(obj: Any, source: str = "checkpoint") -> dict[str, np.ndarray]:
@@ -101,22 +55,6 @@ def _flax_path(key: str) -> tuple[tuple[str, ...], str] | None:
   if name == "bias":
     return tuple(out) + ("bias",), "copy"
   return None
-
-
-def _set(tree: dict, path: tuple[str, ...], value: np.ndarray) -> None:
-  for p in path[:-1]:
-    tree = tree.setdefault(p, {})
-  tree[path[-1]] = value
-
-
-def _flatten(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
 
 
 def infer_scale(sd: Mapping[str, np.ndarray]) -> int:
@@ -177,7 +115,7 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], reference_params: Mapping,
   `reference_params` is an initialised parameter tree of the target model (shapes only). Every
   checkpoint tensor must land on a parameter of the same shape, and every parameter must be set.
   """
-  tree: dict = {}
+  flat: dict[tuple[str, ...], np.ndarray] = {}
   unexpected = []
   for key, value in sd.items():
     if _BUFFERS.search(key):
@@ -193,9 +131,9 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], reference_params: Mapping,
         unexpected.append(f"{key} {value.shape}")
         continue
       value = value.T if value.ndim == 2 else value.transpose(2, 3, 1, 0)
-    _set(tree, path, np.ascontiguousarray(value))
-  want = _flatten(reference_params)
-  got = _flatten(tree)
+    flat[path] = np.ascontiguousarray(value)
+  want = traverse_util.flatten_dict(reference_params)
+  got = flat
   unexpected += [".".join(p) for p in got if p not in want]
   missing = [".".join(p) for p in want if p not in got]
   bad = [f"{'.'.join(p)}: checkpoint {got[p].shape} vs model {tuple(want[p].shape)}"
@@ -209,7 +147,7 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], reference_params: Mapping,
     if bad:
       lines.append(f"shape mismatch ({len(bad)}): {'; '.join(bad[:5])}")
     raise CheckpointError(f"{source} does not fit SwinIR-light: " + " | ".join(lines))
-  return tree
+  return traverse_util.unflatten_dict(flat)
 
 
 def load_checkpoint(path: str | Path, scale: int, reference_params: Mapping

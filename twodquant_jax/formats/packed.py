@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Mapping
 
 import jax
 import numpy as np
+from flax import traverse_util
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from twodquant_jax import files
 from twodquant_jax.formats.convert import convert_state_dict, infer_scale, merge_split_qkv
 from twodquant_jax.nn.packing import pack, packed_nbytes, unpack
 from twodquant_jax.nn.quantizer import num_levels
@@ -55,28 +56,22 @@ def packed_filename(method: str, scale: int, bits: int) -> str:
 def torch_state_dict(params: Mapping) -> dict[str, np.ndarray]:
   """Flax params -> official state-dict names and layouts, qkv split into q/k/v (released code).
 
-  The inverse of `io.convert.convert_state_dict` (buffers such as attn_mask are not written).
+  The inverse of `convert.convert_state_dict` (buffers such as attn_mask are not written).
   """
   out: dict[str, np.ndarray] = {}
   renamed = {"patch_embed_norm": "patch_embed.norm", "upsample": "upsample.0"}
-
-  def walk(node, path):
-    for key, v in node.items():
-      if isinstance(v, Mapping):
-        walk(v, path + (key,))
-        continue
-      base = name_from_path(tuple(renamed.get(p, p) for p in path))
-      v = np.asarray(v, np.float32)
-      if key == "kernel":
-        v = v.T if v.ndim == 2 else v.transpose(3, 2, 0, 1)
-      name = {"kernel": "weight", "scale": "weight"}.get(key, key)
-      if base.endswith(".attn.qkv"):
-        for i, part in enumerate(np.split(v, 3, axis=0)):
-          out[f"{base}.{'qkv'[i]}.{name}"] = np.ascontiguousarray(part)
-      else:
-        out[f"{base}.{name}"] = np.ascontiguousarray(v)
-
-  walk(params, ())
+  for path, v in traverse_util.flatten_dict(params).items():
+    *mods, key = path
+    base = name_from_path(tuple(renamed.get(p, p) for p in mods))
+    v = np.asarray(v, np.float32)
+    if key == "kernel":
+      v = v.T if v.ndim == 2 else v.transpose(3, 2, 0, 1)
+    name = {"kernel": "weight", "scale": "weight"}.get(key, key)
+    if base.endswith(".attn.qkv"):
+      for i, part in enumerate(np.split(v, 3, axis=0)):
+        out[f"{base}.{'qkv'[i]}.{name}"] = np.ascontiguousarray(part)
+    else:
+      out[f"{base}.{name}"] = np.ascontiguousarray(v)
   return out
 
 
@@ -130,11 +125,8 @@ def export_packed(path: str | Path, params: Mapping, quant: QuantTree, *, scale:
           "act_quantizers": json.dumps(anames, separators=(",", ":")),
           "weight_shapes": json.dumps(shapes, separators=(",", ":"))}
   meta["content_sha256"] = _content_sha256(tensors, meta)
-  path = Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  save_file(tensors, str(tmp), metadata=meta)
-  os.replace(tmp, path)
+  with files.atomic_path(path) as tmp:
+    save_file(tensors, str(tmp), metadata=meta)
   return sizes(path, params, bits)
 
 

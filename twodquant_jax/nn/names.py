@@ -12,6 +12,7 @@ from typing import Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
 from twodquant_jax.nn.layers import BOUNDS
 
@@ -98,17 +99,8 @@ def is_weight(name: str) -> bool:
 
 def leaves_by_name(tree: Mapping, leaf: str) -> dict[str, object]:
   """{quantizer name: value} for every `leaf` entry of a nested tree (e.g. 'bounds', 'input')."""
-  out = {}
-
-  def walk(node, path):
-    for k, v in node.items():
-      if k == leaf and not isinstance(v, Mapping):
-        out[name_from_path(path)] = v
-      elif isinstance(v, Mapping):
-        walk(v, path + (k,))
-
-  walk(tree, ())
-  return out
+  return {name_from_path(path[:-1]): v for path, v in traverse_util.flatten_dict(tree).items()
+          if path[-1] == leaf}
 
 
 def tree_to_dict(quant: QuantTree) -> dict[str, list[float]]:
@@ -119,19 +111,14 @@ def tree_to_dict(quant: QuantTree) -> dict[str, list[float]]:
 
 def dict_to_tree(bounds: Mapping[str, Sequence[float]], like: QuantTree | None = None) -> dict:
   """{name: [lower, upper]} -> the 'quant' collection; with `like`, names must match exactly."""
-  tree: dict = {}
-  for name, (lo, hi) in bounds.items():
-    node = tree
-    for p in path_from_name(name):
-      node = node.setdefault(p, {})
-    node[BOUNDS] = jnp.asarray([lo, hi], jnp.float32)
   if like is not None:
     want, got = set(leaves_by_name(like, BOUNDS)), set(bounds)
     if want != got:
       missing, extra = sorted(want - got), sorted(got - want)
       raise ValueError(f"bounds do not match the model's quantizers: {len(missing)} missing "
                        f"(e.g. {missing[:2]}), {len(extra)} unknown (e.g. {extra[:2]})")
-  return tree
+  return traverse_util.unflatten_dict({path_from_name(name) + (BOUNDS,): jnp.asarray(
+      [lo, hi], jnp.float32) for name, (lo, hi) in bounds.items()})
 
 
 def quant_names(quant_like: QuantTree) -> list[str]:

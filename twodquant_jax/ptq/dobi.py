@@ -16,13 +16,13 @@ from typing import Iterator, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from twodquant_jax.nn.swinir import SwinIR, variable_shapes
 from twodquant_jax.ptq import search
 from twodquant_jax.nn.names import (dict_to_tree, is_bmm_operand, is_one_sided, is_weight,
                                      leaves_by_name, quant_names, shared_input_of)
 from twodquant_jax.nn.layers import CALIB
+from twodquant_jax.progress import Progress
 from twodquant_jax.settings import CALIBRATIONS, CalibSettings
 
 METHODS = CALIBRATIONS
@@ -107,23 +107,22 @@ def calibrate_many(params: Mapping, scale: int, lr: np.ndarray,
   search_s = {k: 0.0 for k in settings}
   forward_s = 0.0
   total = len(quant_names(variable_shapes(scale, "quant")["quant"]))
-  bar = tqdm(total=total * len(settings), desc="bounds", disable=not progress, leave=False)
-  for _, inputs, seconds in iter_captured(params, scale, lr):
-    forward_s += seconds
-    for key, (bits, cfg) in settings.items():
-      ts = time.perf_counter()
-      out = bounds[key]
-      for name in sorted(inputs, key=lambda n: shared_input_of(n) is not None):
-        shared = shared_input_of(name)
-        if shared is not None and shared in out:
-          out[name] = out[shared]
-        else:
-          b = np.asarray(bounds_for(inputs[name], name, bits, cfg))
-          out[name] = [float(b[0]), float(b[1])]
-        bar.update(1)
-      search_s[key] += time.perf_counter() - ts
-    del inputs
-  bar.close()
+  with Progress(total * len(settings), "bounds", bar=None if progress else False) as bar:
+    for _, inputs, seconds in iter_captured(params, scale, lr):
+      forward_s += seconds
+      for key, (bits, cfg) in settings.items():
+        ts = time.perf_counter()
+        out = bounds[key]
+        for name in sorted(inputs, key=lambda n: shared_input_of(n) is not None):
+          shared = shared_input_of(name)
+          if shared is not None and shared in out:
+            out[name] = out[shared]
+          else:
+            b = np.asarray(bounds_for(inputs[name], name, bits, cfg))
+            out[name] = [float(b[0]), float(b[1])]
+          bar.update(1)
+        search_s[key] += time.perf_counter() - ts
+      del inputs
   results = {}
   for key, (bits, cfg) in settings.items():
     if len(bounds[key]) != total:

@@ -14,6 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 
+from twodquant_jax import files
 from twodquant_jax.ptq.dqc.step import DQCState
 
 LOG_FILE = "dqc_log.jsonl"
@@ -87,9 +88,7 @@ def truncate_log(path: Path, last_step: int) -> list[dict[str, Any]]:
         records.append(record)
     except (json.JSONDecodeError, AttributeError):  # a line cut by a kill
       continue
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text("".join(k + "\n" for k in kept))
-  tmp.replace(path)
+  files.atomic_write(path, "".join(k + "\n" for k in kept))
   return records
 
 

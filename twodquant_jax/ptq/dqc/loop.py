@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from tqdm import tqdm
 
 from twodquant_jax.data import patches
 from twodquant_jax.ptq.dqc import checkpoint as ckpt
@@ -28,6 +27,7 @@ from twodquant_jax.ptq.dqc.step import (DATA_AXIS, DQCState, check_batch_size, d
                                         init_state, make_schedule)
 from twodquant_jax.settings import DQCSettings, LoopSettings
 from twodquant_jax.nn.names import tree_to_dict
+from twodquant_jax.progress import Progress
 
 
 class NonFiniteError(RuntimeError):
@@ -53,32 +53,6 @@ def run_identity(settings: DQCSettings, loop: LoopSettings, params: Mapping, qua
   return json.loads(json.dumps(ident))
 
 
-class _Progress:
-  """A tqdm bar on a terminal; otherwise a plain log line every `every_s` seconds."""
-
-  def __init__(self, total: int, start: int, bar: bool, every_s: float):
-    self.total, self.start, self.every_s = total, start, every_s
-    self.bar = tqdm(total=total, initial=start, desc="DQC", dynamic_ncols=True) if bar else None
-    self.t0 = self.last = time.perf_counter()
-
-  def update(self, step: int, loss: float) -> None:
-    if self.bar is not None:
-      self.bar.update(1)
-      self.bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
-      return
-    now = time.perf_counter()
-    if now - self.last >= self.every_s or step == self.total:
-      rate = (step - self.start) / max(now - self.t0, 1e-9)
-      eta = (self.total - step) / rate if rate > 0 else float("inf")
-      logging.info("DQC step %d/%d  loss %.4g  %.3f steps/s  ETA %.0f s", step, self.total, loss,
-                   rate, eta)
-      self.last = now
-
-  def close(self) -> None:
-    if self.bar is not None:
-      self.bar.close()
-
-
 def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSettings,
           workdir: str | Path, *, progress: bool = False, mesh: Mesh | None = None,
           validate: Callable[[Mapping], float] | None = None,
@@ -91,7 +65,8 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
     quant: initial 'quant' collection (bounds).
     settings, loop: the step's and the loop's settings.
     workdir: where dqc_ckpt/ and dqc_log.jsonl go.
-    progress: show a tqdm bar (else plain progress lines in the log).
+    progress: show a bar on a terminal (else, and always without a terminal, a progress line
+      in the log every `loop.progress_every_s` seconds).
     mesh: the device mesh (default: all devices on one 'data' axis).
     validate: bounds -> held-out PSNR, called every `loop.val_every` steps and at the end.
     callback: called as callback(step, scalars) after every completed, finite step.
@@ -130,7 +105,9 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
   records = ckpt.truncate_log(log_path, start) if writer else []  # the resumed run's log
   validation: list[dict[str, float]] = []
   last_saved = resumed_from
-  bar = _Progress(settings.steps, start, progress, loop.progress_every_s)
+  # Until the first step returns, the bar says the wait is the compile.
+  bar = Progress(settings.steps, "DQC (compiling)", initial=start, every_s=loop.progress_every_s,
+                 bar=None if progress else False)
   t0 = time.perf_counter()
   first_step_seconds = t_after_first = None
 
@@ -148,7 +125,7 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
       raise NonFiniteError(step, what, last_saved)
     final_loss = float(m["loss"])
     seconds = seconds_before + time.perf_counter() - t0
-    bar.update(step, final_loss)
+    bar.update(1, loss=final_loss)
     record = None
     if step % loop.log_every == 0 or step == settings.steps:
       record = {"step": step, "loss": final_loss, "l_pix": float(m["l_pix"]),
@@ -185,6 +162,7 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
         jax.block_until_ready(metrics)
         first_step_seconds = time.perf_counter() - t0
         t_after_first = time.perf_counter()
+        bar.set_description("DQC")
       periodic = (k + 1) % loop.checkpoint_every == 0 or (
           validate is not None and (k + 1) % loop.val_every == 0)
       if periodic or k + 1 == settings.steps:

@@ -8,8 +8,8 @@ the next one tried is the largest whose size, extrapolated from the measured byt
 fits (then verified by its own compile), so usually one or two compiles decide. The step the
 loop runs is the ordinary jitted one for the chosen microbatch (with the persistent compilation
 cache on, as in the pipeline, its compile is a cache hit). The decision is cached in-process and,
-when the persistent compilation cache is on, in `<cache>/../microbatch.json` (reused while its
-measured size still fits).
+when the persistent compilation cache is on, in `microbatch.json` of the project cache folder
+(`cache.root()`; reused while its measured size still fits).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from twodquant_jax import cache, files
 from twodquant_jax.ptq.dqc.step import (AUTO_MICROBATCH, DATA_AXIS, DQCSettings, init_state,
                                         jit_train_step)
 
@@ -96,8 +97,9 @@ def _decision_key(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh) -
 
 
 def _decisions_path() -> Path | None:
-  cache = jax.config.jax_compilation_cache_dir
-  return Path(cache).parent / DECISIONS_FILE if cache else None
+  """<cache root>/microbatch.json while the persistent compilation cache is on (the decision
+  is only worth keeping when the chosen step's compile is kept too), else None."""
+  return cache.root() / DECISIONS_FILE if jax.config.jax_compilation_cache_dir else None
 
 
 def _load_decision(key: str) -> dict | None:
@@ -119,9 +121,7 @@ def _save_decision(key: str, value: dict) -> None:
   except (OSError, ValueError):
     table = {}
   table[key] = value
-  tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(table, indent=1))
-  tmp.replace(path)
+  files.write_json(path, table)
 
 
 def _with_microbatch(settings: DQCSettings, mb: int, batch: int) -> DQCSettings:
