@@ -105,10 +105,12 @@ def main(argv):
     logging.info("host: malloc %s, %d CPU device(s)", host["malloc"], host["cpu_devices"])
     distributed.initialize(distributed_settings(FLAGS.config))
     job.run(FLAGS.config, FLAGS.workdir or None)
-  except (ValueError, OSError, WorkdirError, DownloadError) as e:  # the project's own errors
-    if debugging():
+  except (ValueError, OSError, WorkdirError, DownloadError, distributed.PeerError) as e:
+    if debugging():  # the project's own errors above: one line
       raise
     sys.stderr.write(fail_line(e) + "\n")
+    if isinstance(e, distributed.PeerError):
+      distributed.exit_now(1)  # the peers are gone: skip JAX's shutdown barrier
     sys.exit(1)
 
 

@@ -126,6 +126,51 @@ def test_killed_peer_stops_the_survivor(tmp_path, cache):
   assert not (tmp_path / "result.npz").exists()
 
 
+MEET_PROBE = r"""
+import sys, time
+from twodquant_jax import distributed
+port, pid, late, limit = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+distributed.initialize(distributed.DistributedSettings(
+    coordinator=f"127.0.0.1:{port}", num_processes=2, process_id=pid, init_timeout_s=limit))
+time.sleep(late)
+try:
+  print("met after", distributed.meet("probe"), flush=True)
+except distributed.PeerError as e:
+  print("PeerError:", e, flush=True)
+  distributed.exit_now(3)  # as main.py does
+"""
+
+
+def _meet(late: float, limit: int, cache: Path) -> list[tuple[int, str, str]]:
+  """Two 1-device processes meet; process 1 gets there `late` seconds after process 0."""
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, "-c", MEET_PROBE, str(port), str(pid),
+                             str(late if pid else 0), str(limit)], env=_env(1, cache),
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for pid in (0, 1)]
+  return _finish(procs, timeout=150)
+
+
+def test_processes_meet_however_late_one_arrives(cache):
+  """A peer 8 s late within the limit: process 0 waits for it (no error on either side)."""
+  results = _meet(late=8, limit=60, cache=cache)
+  for rc, out, err in results:
+    assert rc == 0, (out, err[-3000:])
+  waited = float(results[0][1].split("met after")[1])
+  assert waited > 5, results[0][1]  # process 0 was held until process 1 arrived
+
+
+def test_a_peer_missing_the_meeting_is_one_line(cache):
+  """A peer later than the limit: process 0 stops with PeerError, one line naming the setting."""
+  t0 = time.monotonic()
+  (rc0, out0, err0), _ = _meet(late=30, limit=4, cache=cache)
+  assert rc0 == 3, (out0, err0[-3000:])
+  line, = [ln for ln in out0.splitlines() if ln.startswith("PeerError")]
+  assert "'probe'" in line and "config.distributed.init_timeout_s" in line
+  assert "Check failure" not in err0, err0[-3000:]  # no abort in JAX's shutdown barrier
+  assert time.monotonic() - t0 < 140  # it did not wait for process 1
+
+
 def test_sample_batch_rows_are_rows_of_the_whole_batch(shared):
   source = patches.load_patch_source(shared / "data" / "benchmarks" / "Set5" / "HR", 32)
   whole = patches.sample_batch(source, 7, 11, 6, scale=2, lr_size=16)
