@@ -101,7 +101,7 @@ def main(argv):
     sys.exit(1)
   setup_logging()
   try:
-    host = host_runtime.apply(host_settings(FLAGS.config))  # before the backend; may re-exec
+    host = host_runtime.apply(host_settings(FLAGS.config))  # before the backend starts
     logging.info("host: malloc %s, %d CPU device(s)", host["malloc"], host["cpu_devices"])
     distributed.initialize(distributed_settings(FLAGS.config))
     job.run(FLAGS.config, FLAGS.workdir or None)

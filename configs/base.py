@@ -105,12 +105,13 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   c.compile_cache = "default"  # <$TWODQUANT_CACHE or ~/.cache/twodquant_jax>/xla; a path; "" = off
   # Host process (twodquant_jax/host_runtime.py), applied by main.py before the backend starts.
   # host_malloc: where XLA:CPU's host buffers come from (it frees a multi-GB buffer and ~2 M
-  # smaller blocks every step). 'auto': tcmalloc when installed (main.py re-executes itself
-  # with it preloaded; a batch-4 CPU step 2.4 -> 2.2 s, half the memory), else 'keep';
-  # 'tcmalloc': required; 'keep': glibc keeps freed memory for reuse; 'system': glibc as is.
+  # smaller blocks every step). 'auto': tcmalloc if the user preloaded it (LD_PRELOAD=...; a
+  # batch-4 CPU step 2.4 -> 2.2 s, half the memory), else 'keep'; 'tcmalloc': it must be
+  # preloaded; 'keep': glibc keeps freed memory for reuse; 'system': glibc as is.
   c.host_malloc = "auto"
-  # XLA devices of the CPU backend: 'auto' = one per usable core (at most 8, dividing
-  # dqc.batch_size) for a single-process run that trains DQC, else 1; or a number. Splitting the
+  # XLA devices of the CPU backend: 'auto' = the count in XLA_FLAGS
+  # (--xla_force_host_platform_device_count=N) if set, else one per usable core (at most 8,
+  # dividing dqc.batch_size) for a single-process run that trains DQC, else 1; or a number. Splitting the
   # data-parallel step keeps every core busy (2 cores: 3.5 -> 3.0 s per batch-4 step).
   c.cpu_devices = "auto"
   # Packed export (formats/packed.py): after each quantized method, write its b-bit weight codes, all

@@ -131,12 +131,14 @@ def test_cpu_devices_setting_resolves():
   c = get_config(scale=4, bits=2)
   c.dqc.batch_size = 32
   from twodquant_jax import host_runtime
-  assert run_settings.host_settings(c).cpu_devices == host_runtime.auto_cpu_devices(32)
+  host = run_settings.host_settings(c)  # auto (0): host_runtime.apply splits the DQC batch
+  assert (host.cpu_devices, host.dqc_batch) == (0, 32)
+  assert host_runtime.cpu_device_plan(host, None, cores=2) == (2, "auto")
   c.model.bounds = "given.json"  # bounds given: no DQC, nothing to split
-  assert run_settings.host_settings(c).cpu_devices == 1
+  assert run_settings.host_settings(c).dqc_batch == 0
   c.model.bounds = ""
   c.method = "dobi"  # no DQC: nothing to split
-  assert run_settings.host_settings(c).cpu_devices == 1
+  assert run_settings.host_settings(c).dqc_batch == 0
   c.method, c.cpu_devices = "2dquant", "3"  # as --config.cpu_devices=3 gives it (a string)
   assert run_settings.host_settings(c).cpu_devices == 3
   c.cpu_devices = "zero"

@@ -183,21 +183,22 @@ def trains_dqc(config: ml_collections.ConfigDict, methods: tuple[str, ...]) -> b
 
 
 def host_settings(config: ml_collections.ConfigDict) -> host_runtime.HostSettings:
-  """config.host_malloc and config.cpu_devices ('auto': as many CPU devices as the usable cores,
-  up to a divisor of dqc.batch_size, when this single-process run trains DQC; else 1)."""
-  devices = config.get("cpu_devices", "auto")
-  if devices == "auto":
-    trains = trains_dqc(config, methods_of(config))
-    single = not config.distributed.coordinator and not config.distributed.num_processes
-    devices = (host_runtime.auto_cpu_devices(int(config.dqc.batch_size))
-               if trains and single and int(config.dqc.batch_size) >= 1 else 1)
-  elif isinstance(devices, str):
+  """config.host_malloc and config.cpu_devices ('auto' = 0: host_runtime.apply decides, splitting
+  dqc.batch_size when this single-process run trains DQC)."""
+  given = config.get("cpu_devices", "auto")
+  devices = 0
+  if given != "auto":
     try:
-      devices = int(devices)
+      devices = int(given)
     except ValueError:
-      raise ValueError(f"config.cpu_devices must be 'auto' or a positive int, got {devices!r}"
-                       ) from None
-  return host_runtime.HostSettings(malloc=config.get("host_malloc", "auto"), cpu_devices=devices)
+      devices = -1
+    if devices < 1 or isinstance(given, bool):
+      raise ValueError(f"config.cpu_devices must be 'auto' or a positive int, got {given!r}")
+  trains = trains_dqc(config, methods_of(config))
+  single = not config.distributed.coordinator and not config.distributed.num_processes
+  batch = int(config.dqc.batch_size)
+  return host_runtime.HostSettings(malloc=config.get("host_malloc", "auto"), cpu_devices=devices,
+                                   dqc_batch=batch if trains and single and batch >= 1 else 0)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
