@@ -35,6 +35,9 @@ from absl import logging
 # Environment variables that JAX's cluster auto-detection reads (besides its own).
 _CLUSTER_HINT_VARS = ("JAX_COORDINATOR_ADDRESS",)
 _BARRIER_PREFIX = "twodquant:"
+# The settings this process joined its run with: process-wide like the run itself (JAX keeps its
+# coordination client the same way); `meet` reads its limit here.
+_JOINED: dict[str, "DistributedSettings"] = {}
 
 
 class PeerError(RuntimeError):
@@ -119,11 +122,6 @@ def initialize(settings: DistributedSettings) -> bool:
   return jax.process_count() > 1
 
 
-# The settings this process joined its run with: process-wide like the run itself (JAX keeps the
-# coordination client the same way), read by `meet` for its limit.
-_JOINED: dict[str, DistributedSettings] = {}
-
-
 def meet(name: str, timeout_s: float | None = None) -> float:
   """Waits until every process has reached `name` (a no-op with one process); returns the seconds
   this one waited. `timeout_s` defaults to the run's config.distributed.init_timeout_s.
@@ -143,7 +141,7 @@ def meet(name: str, timeout_s: float | None = None) -> float:
   try:
     client.wait_at_barrier(_BARRIER_PREFIX + name, int(timeout_s * 1000))
   except jax.errors.JaxRuntimeError as e:
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    first = (str(e).strip() or type(e).__name__).splitlines()[0].split(". ")[0]
     raise PeerError(
         f"process {jax.process_index()} of {jax.process_count()}: the processes did not all "
         f"reach '{name}' within {timeout_s:g} s ({first}); if one is only slow (compiling on a "
