@@ -162,13 +162,22 @@ def test_a_preloaded_tcmalloc_is_kept_and_reported(tmp_path):
 
 def test_cpu_device_plan():
   plan, settings = host_runtime.cpu_device_plan, host_runtime.HostSettings
+  flags = (6, "XLA_FLAGS --xla_force_host_platform_device_count")
   assert plan(settings(dqc_batch=4), None, cores=2) == (2, "auto")
   assert plan(settings(dqc_batch=0), None, cores=2) == (1, "auto")  # no DQC here: one device
   assert plan(settings(cpu_devices=3, dqc_batch=4), None, cores=2) == (3, "config")
-  assert plan(settings(dqc_batch=4), 6, cores=2) == (6, "XLA_FLAGS")  # the user's count wins
-  assert plan(settings(cpu_devices=6), 6, cores=2) == (6, "XLA_FLAGS")
+  assert plan(settings(dqc_batch=4), flags, cores=2) == flags  # the user's count wins
+  assert plan(settings(cpu_devices=6), flags, cores=2) == flags
   with pytest.raises(ValueError, match="config.cpu_devices=2 conflicts with XLA_FLAGS"):
-    plan(settings(cpu_devices=2), 6, cores=2)
+    plan(settings(cpu_devices=2), flags, cores=2)
+
+
+def test_preset_cpu_devices():
+  flag = host_runtime.DEVICE_COUNT_FLAG
+  preset = host_runtime.preset_cpu_devices
+  assert preset("", -1) is None and preset("--xla_dump_to=/tmp/x", -1) is None
+  assert preset(f"{flag}=4", -1) == (4, f"XLA_FLAGS {flag}")
+  assert preset(f"{flag}=4", 3) == (3, "JAX_NUM_CPU_DEVICES")  # JAX's own setting wins there too
 
 
 def test_flagged_cpu_devices():
@@ -184,6 +193,8 @@ def test_flagged_cpu_devices():
 def test_apply_keeps_the_users_device_count(monkeypatch):
   """XLA_FLAGS names 3 devices: auto keeps them and sets nothing itself; 2 is a conflict."""
   updates = []
+  if host_runtime.jax.config.jax_num_cpu_devices >= 1:
+    pytest.skip("JAX_NUM_CPU_DEVICES is set for this test run: it would win over XLA_FLAGS")
   monkeypatch.setattr(host_runtime.jax.config, "update", lambda *a: updates.append(a))
   monkeypatch.setenv("XLA_FLAGS", f"{host_runtime.DEVICE_COUNT_FLAG}=3")
   applied = host_runtime.apply(host_runtime.HostSettings(malloc="system", dqc_batch=4))

@@ -33,8 +33,9 @@ zero-filled again: a third of the step's CPU time on a 2-core machine
 two CPU devices of a 2-core machine runs its two halves concurrently and keeps both cores busy
 (one device leaves ~17 % of the CPU time idle between its mostly sequential ops): 3.5 -> 2.96 s
 per batch-4 step here; four devices were slower (3.35 s). 0 ('auto'): a count the user set in
-`XLA_FLAGS=--xla_force_host_platform_device_count=N` is kept; else one device per usable core,
-dividing the DQC batch, for a single-process run that trains DQC; else 1.
+`XLA_FLAGS=--xla_force_host_platform_device_count=N` (or JAX's own `JAX_NUM_CPU_DEVICES=N`) is
+kept; else one device per usable core, dividing the DQC batch, for a single-process run that
+trains DQC; else 1.
 
 Both only take effect before the backend starts (the allocator's arenas are per thread, the
 device count is read when the CPU client is made): call `apply` first thing.
@@ -188,14 +189,26 @@ def flagged_cpu_devices(xla_flags: str) -> int | None:
   return int(counts[-1])
 
 
-def cpu_device_plan(settings: HostSettings, flagged: int | None, cores: int) -> tuple[int, str]:
-  """(device count, where it comes from: 'XLA_FLAGS', 'config' or 'auto'). Pure decision
-  (tested). A count in XLA_FLAGS wins over 'auto'; a different explicit count is a ValueError."""
-  if flagged is not None:
-    if settings.cpu_devices and settings.cpu_devices != flagged:
-      raise ValueError(f"config.cpu_devices={settings.cpu_devices} conflicts with XLA_FLAGS "
-                       f"{DEVICE_COUNT_FLAG}={flagged}; drop one of them (or make them equal)")
-    return flagged, "XLA_FLAGS"
+def preset_cpu_devices(xla_flags: str, jax_num_cpu_devices: int) -> tuple[int, str] | None:
+  """A CPU device count the user set before `apply`, and where: JAX's jax_num_cpu_devices
+  ($JAX_NUM_CPU_DEVICES; -1 = unset), which JAX itself prefers, else XLA_FLAGS' count."""
+  if jax_num_cpu_devices >= 1:
+    return jax_num_cpu_devices, "JAX_NUM_CPU_DEVICES"
+  flagged = flagged_cpu_devices(xla_flags)
+  return None if flagged is None else (flagged, f"XLA_FLAGS {DEVICE_COUNT_FLAG}")
+
+
+def cpu_device_plan(settings: HostSettings, preset: tuple[int, str] | None, cores: int
+                    ) -> tuple[int, str]:
+  """(device count, where it comes from: the `preset`'s place, 'config' or 'auto'). Pure
+  decision (tested). A count the user preset wins over 'auto'; a different explicit count is
+  a ValueError."""
+  if preset is not None:
+    count, where = preset
+    if settings.cpu_devices and settings.cpu_devices != count:
+      raise ValueError(f"config.cpu_devices={settings.cpu_devices} conflicts with {where}={count}"
+                       "; drop one of them (or make them equal)")
+    return count, where
   if settings.cpu_devices:
     return settings.cpu_devices, "config"
   return (auto_cpu_devices(settings.dqc_batch, cores) if settings.dqc_batch else 1), "auto"
@@ -205,10 +218,10 @@ def apply(settings: HostSettings) -> dict:
   """Applies both settings in this process; returns what took effect: {'malloc': allocator,
   'cpu_devices': count}. Call before anything touches a device."""
   malloc = apply_malloc(settings.malloc)
-  devices, source = cpu_device_plan(
-      settings, flagged_cpu_devices(os.environ.get("XLA_FLAGS", "")), usable_cores())
-  if source == "XLA_FLAGS":
-    logging.info("host: %d CPU device(s), as XLA_FLAGS %s sets", devices, DEVICE_COUNT_FLAG)
+  preset = preset_cpu_devices(os.environ.get("XLA_FLAGS", ""), jax.config.jax_num_cpu_devices)
+  devices, source = cpu_device_plan(settings, preset, usable_cores())
+  if preset is not None:
+    logging.info("host: %d CPU device(s), as %s sets", devices, source)
   elif devices > 1:
     jax.config.update("jax_num_cpu_devices", devices)
   return {"malloc": malloc, "cpu_devices": devices}
