@@ -2,7 +2,9 @@
 
 2 processes x 2 host devices train the tiny network of `dqc_tiny.py` on the same global
 batches as 1 process x 4 devices and must end at the same bounds; a peer killed mid-DQC must
-stop the survivor with an error within the configured timeout. Every subprocess is bounded in
+stop the survivor with an error within the configured timeout; a peer ready for the first step
+past Gloo's 30 s only delays it (the processes meet after compiling), and one that misses the
+meeting is one PeerError line. Every subprocess is bounded in
 time and killed on the way out. The 2-process runs share a persistent compilation cache, so the
 killed-peer run reuses the first run's compiled step.
 """
