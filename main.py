@@ -100,14 +100,16 @@ def main(argv):
     sys.exit(1)
   setup_logging()
   try:
-    host = host_runtime.apply(s.host)  # before the backend; may re-exec
+    host = host_runtime.apply(s.host)  # before the backend starts
     logging.info("host: malloc %s, %d CPU device(s)", host["malloc"], host["cpu_devices"])
     distributed.initialize(s.distributed)
     (sweep if s.sweep else pipeline).run(s, FLAGS.workdir or None)
-  except (ValueError, OSError, WorkdirError, DownloadError) as e:  # the project's own errors
-    if debugging():
+  except (ValueError, OSError, WorkdirError, DownloadError, distributed.PeerError) as e:
+    if debugging():  # the project's own errors above: one line
       raise
     sys.stderr.write(fail_line(e) + "\n")
+    if isinstance(e, distributed.PeerError):
+      distributed.exit_now(1)  # the peers are gone: skip JAX's shutdown barrier
     sys.exit(1)
 
 

@@ -82,9 +82,9 @@ def main() -> None:
                   help="XLA CPU devices, as config cpu_devices ('auto': per usable core, "
                        "dividing the batch)")
   args = ap.parse_args()
-  cpu_devices = (host_runtime.auto_cpu_devices(args.batch) if args.cpu_devices == "auto"
-                 else int(args.cpu_devices))
-  host = host_runtime.apply(host_runtime.HostSettings(args.host_malloc, cpu_devices))
+  host = host_runtime.apply(host_runtime.HostSettings(
+      args.host_malloc, 0 if args.cpu_devices == "auto" else int(args.cpu_devices),
+      dqc_batch=args.batch))
 
   kw = dict(scale=args.scale, bits=args.bits, steps=max(args.steps, 1) + 1, loss=args.loss,
             remat=args.remat, microbatch=args.microbatch)

@@ -2,7 +2,9 @@
 
 2 processes x 2 host devices train the tiny network of `dqc_tiny.py` on the same global
 batches as 1 process x 4 devices and must end at the same bounds; a peer killed mid-DQC must
-stop the survivor with an error within the configured timeout. Every subprocess is bounded in
+stop the survivor with an error within the configured timeout; a peer ready for the first step
+past Gloo's 30 s only delays it (the processes meet after compiling), and one that misses the
+meeting is one PeerError line. Every subprocess is bounded in
 time and killed on the way out. The 2-process runs share a persistent compilation cache, so the
 killed-peer run reuses the first run's compiled step.
 """
@@ -124,6 +126,79 @@ def test_killed_peer_stops_the_survivor(tmp_path, cache):
   assert re.search(r"another task died|tasks have crashed|stopped sending heartbeats", err0), \
       err0[-3000:]
   assert not (tmp_path / "result.npz").exists()
+
+
+MEET_PROBE = r"""
+import sys, time
+from twodquant_jax import distributed
+port, pid, late, limit = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+distributed.initialize(distributed.DistributedSettings(
+    coordinator=f"127.0.0.1:{port}", num_processes=2, process_id=pid, init_timeout_s=limit))
+time.sleep(late)
+try:
+  print("met after", distributed.meet("probe"), flush=True)
+except distributed.PeerError as e:
+  print("PeerError:", e, flush=True)
+  distributed.exit_now(3)  # as main.py does
+"""
+
+
+def _meet(late: float, limit: int, cache: Path) -> list[tuple[int, str, str]]:
+  """Two 1-device processes meet; process 1 gets there `late` seconds after process 0."""
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, "-c", MEET_PROBE, str(port), str(pid),
+                             str(late if pid else 0), str(limit)], env=_env(1, cache),
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for pid in (0, 1)]
+  return _finish(procs, timeout=150)
+
+
+LATE_STEP_PROBE = r"""
+import sys, time
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from twodquant_jax import distributed
+from twodquant_jax.ptq.dqc import loop
+port, pid, late = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+distributed.initialize(distributed.DistributedSettings(
+    coordinator=f"127.0.0.1:{port}", num_processes=2, process_id=pid, init_timeout_s=120))
+mesh = Mesh(np.array(jax.devices()), ("data",))
+repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+step = jax.jit(lambda s, b, p: (s + jnp.sum(b) * p, jnp.sum(b)), in_shardings=(repl, data, repl),
+               out_shardings=(repl, repl), donate_argnums=(0,))
+state, params = (jax.device_put(np.float32(v), repl) for v in (0.0, 2.0))
+batch = jax.make_array_from_process_local_data(data, np.full((2,), pid + 1, np.float32), (4,))
+time.sleep(late)  # as a compile finishing this much later on a busy machine
+t0 = time.monotonic()
+loop._compile_and_meet(step, state, batch, params)
+print("waited", time.monotonic() - t0, "sum", float(step(state, batch, params)[1]), flush=True)
+"""
+
+
+def test_a_step_compiled_late_only_delays_the_run(cache):
+  """Process 1 is ready for the first step 35 s after process 0, more than the 30 s Gloo waits
+  for a peer: the DQC loop's meeting after compiling holds process 0 back, and the step's
+  cross-process sum (1 + 1 + 2 + 2) runs on both."""
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, "-c", LATE_STEP_PROBE, str(port), str(pid),
+                             str(35 if pid else 0)], env=_env(2, cache), cwd=REPO_ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for pid in (0, 1)]
+  results = _finish(procs, timeout=240)
+  for rc, out, err in results:
+    assert rc == 0 and "sum 6.0" in out, (out, err[-3000:])
+  assert float(results[0][1].split("waited")[1].split()[0]) > 30  # held until process 1 came
+
+
+def test_a_peer_missing_the_meeting_is_one_line(cache):
+  """A peer later than the limit: process 0 stops with PeerError, one line naming the setting."""
+  t0 = time.monotonic()
+  (rc0, out0, err0), _ = _meet(late=30, limit=4, cache=cache)
+  assert rc0 == 3, (out0, err0[-3000:])
+  line, = [ln for ln in out0.splitlines() if ln.startswith("PeerError")]
+  assert "'probe'" in line and "config.distributed.init_timeout_s" in line
+  assert "Check failure" not in err0, err0[-3000:]  # no abort in JAX's shutdown barrier
+  assert time.monotonic() - t0 < 140  # it did not wait for process 1
 
 
 def test_sample_batch_rows_are_rows_of_the_whole_batch(shared):

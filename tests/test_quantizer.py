@@ -236,3 +236,42 @@ def test_bmm_gradients_match_the_plain_matmul(m, k, n):
   np.testing.assert_array_equal(np.asarray(bmm(a, b)), np.asarray(a @ b))
   np.testing.assert_allclose(np.asarray(da), np.asarray(da0), rtol=1e-6, atol=1e-6)
   np.testing.assert_allclose(np.asarray(db), np.asarray(db0), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("path", ["cpu", "plain"])
+def test_matmul_vjp_paths_agree_and_are_taken(path):
+  """Both gradient forms of nn.layers.bmm / linear (XLA:CPU's rewrites, the plain matmul) give
+  the values and gradients of a @ b; forcing one really traces it (the rewrites are the only
+  source of optimization barriers)."""
+  from twodquant_jax.nn import layers
+  rng = np.random.default_rng(5)
+  a = jnp.asarray(rng.standard_normal((3, 2, 16, 5)), jnp.float32)
+  b = jnp.asarray(rng.standard_normal((3, 2, 5, 16)), jnp.float32)
+  x = jnp.asarray(rng.standard_normal((2, 256, 12)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((12, 7)), jnp.float32)
+  loss = lambda fn, u, v: jnp.sum(jnp.tanh(fn(u, v)) ** 2)
+  grads = lambda fn, u, v: jax.grad(lambda u, v: loss(fn, u, v), argnums=(0, 1))(u, v)
+  for fn, u, v in ((layers.bmm, a, b), (layers.linear, x, k)):
+    with layers.matmul_vjps(path):
+      out, got = fn(u, v), grads(fn, u, v)
+      jaxpr = str(jax.make_jaxpr(lambda u, v: grads(fn, u, v))(u, v))
+    assert ("optimization_barrier" in jaxpr) == (path == "cpu"), jaxpr
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(u @ v))
+    for g, g0 in zip(got, grads(lambda p, q: p @ q, u, v)):
+      np.testing.assert_allclose(np.asarray(g), np.asarray(g0), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="path"):
+    with layers.matmul_vjps("gpu"):
+      pass
+
+
+def test_matmul_vjps_follow_the_backend(monkeypatch):
+  """'auto': the XLA:CPU rewrites on the CPU backend only, the plain matmul on any other."""
+  from twodquant_jax.nn import layers
+  a = jnp.ones((2, 4, 3), jnp.float32)
+  b = jnp.ones((2, 3, 4), jnp.float32)
+  barrier = lambda: "optimization_barrier" in str(jax.make_jaxpr(
+      jax.grad(lambda a, b: jnp.sum(layers.bmm(a, b)), argnums=1))(a, b))
+  monkeypatch.setattr(layers.jax, "default_backend", lambda: "cpu")
+  assert barrier()
+  monkeypatch.setattr(layers.jax, "default_backend", lambda: "gpu")
+  assert not barrier()

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import dqc_tiny
+from twodquant_jax import host_runtime
 from twodquant_jax import settings as run_settings
 from shared_paths import REPO_ROOT
 from twodquant_jax.ptq.dqc import memory as dqc_memory
@@ -133,6 +134,7 @@ def test_cpu_devices_setting_resolves():
   host = lambda: run_settings.parse(c).host
   # 'auto' (0): host_runtime splits the DQC batch of this single-process DQC run.
   assert host() == run_settings.HostSettings("auto", cpu_devices=0, dqc_batch=32)
+  assert host_runtime.cpu_device_plan(host(), None, cores=2) == (2, "auto")
   c.model.bounds = "given.json"  # bounds given: no DQC, nothing to split
   assert host().dqc_batch == 0
   c.model.bounds = ""

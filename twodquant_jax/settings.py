@@ -194,10 +194,10 @@ class HostSettings:
     if self.malloc not in MALLOC_POLICIES:
       raise ValueError(f"config.host_malloc must be one of {MALLOC_POLICIES}, got "
                        f"{self.malloc!r}")
-    if isinstance(self.cpu_devices, bool) or not isinstance(self.cpu_devices, int) or \
-        self.cpu_devices < 0:
-      raise ValueError(f"config.cpu_devices must be 'auto' or a positive int, got "
-                       f"{self.cpu_devices!r}")
+    for name in ("cpu_devices", "dqc_batch"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"config.{name} must be 'auto' or a positive int, got {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,11 +7,18 @@ Every quantizer is a `FakeQuant` module whose two bounds live in the 'quant' var
   'quant'   quantizers apply Eq. (1) with their bounds (the fake-quantized student);
   'int'     the integer engine: quantizers return int8 codes (`intmath.Coded`, same bounds and
             rounding as 'quant') and every quantized matmul runs on them (`qmatmul`).
+
+The float matmuls `bmm` and `linear` rewrite their gradients into forms that XLA:CPU runs fast
+(optimization barriers, transposed copies, chunked sums). The rewrites are measured on XLA:CPU
+only, so they are traced on the CPU backend only; elsewhere the plain matmul and its ordinary
+gradient are used (`matmul_vjps` forces either, e.g. for tests).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+import contextlib
+import contextvars
+from typing import Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -21,6 +28,7 @@ from twodquant_jax.nn.intmath import Coded, encode, int_matmul
 from twodquant_jax.nn.quantizer import fake_quant
 
 MODES = ("fp", "capture", "quant", "int")
+VJP_PATHS = ("auto", "cpu", "plain")  # matmul gradients: by backend, XLA:CPU's forms, plain
 BOUNDS = "bounds"  # variable name inside each quantizer's 'quant' collection entry
 CALIB = "calib"    # collection that 'capture' mode sows quantizer inputs into
 
@@ -39,6 +47,39 @@ def qmatmul(a, b) -> jnp.ndarray:
   return bmm(a, b)
 
 
+_VJP_PATH = contextvars.ContextVar("twodquant_matmul_vjps", default="auto")
+
+
+@contextlib.contextmanager
+def matmul_vjps(path: str) -> Iterator[None]:
+  """Traces `bmm` and `linear` inside with the given gradient form: 'cpu' (the XLA:CPU rewrites),
+  'plain' (jnp.matmul) or 'auto' (by `jax.default_backend()`). Decided when a function is
+  traced: a function jitted before keeps the form it was traced with."""
+  if path not in VJP_PATHS:
+    raise ValueError(f"matmul_vjps: path must be one of {VJP_PATHS}, got {path!r}")
+  token = _VJP_PATH.set(path)
+  try:
+    yield
+  finally:
+    _VJP_PATH.reset(token)
+
+
+def _cpu_vjps() -> bool:
+  """Whether `bmm` / `linear` being traced now take the XLA:CPU gradient forms."""
+  path = _VJP_PATH.get()
+  return jax.default_backend() == "cpu" if path == "auto" else path == "cpu"
+
+
+def bmm(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+  """Batched a @ b ([..., m, k] @ [..., k, n]); on XLA:CPU with the gradient of `_bmm_cpu`."""
+  return _bmm_cpu(a, b) if _cpu_vjps() else jnp.matmul(a, b)
+
+
+def linear(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+  """x @ kernel (x: [..., in], kernel: [in, out]); on XLA:CPU with `_linear_cpu`'s gradient."""
+  return _linear_cpu(x, kernel) if _cpu_vjps() else jnp.matmul(x, kernel)
+
+
 def _transposed(x: jnp.ndarray) -> jnp.ndarray:
   """x with its last two axes swapped as a real copy: the optimization barrier keeps XLA from
   folding the transpose back into the consuming dot's dimension numbers."""
@@ -46,8 +87,8 @@ def _transposed(x: jnp.ndarray) -> jnp.ndarray:
 
 
 @jax.custom_vjp
-def bmm(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
-  """Batched a @ b ([..., m, k] @ [..., k, n]) whose b-gradient avoids a transposed-lhs dot.
+def _bmm_cpu(a: jnp.ndarray, b: jnp.ndarray) -> jnp.ndarray:
+  """Batched a @ b whose b-gradient avoids a transposed-lhs dot (XLA:CPU).
 
   The plain gradient a^T g contracts over a's rows: XLA:CPU cannot hand that form to YNNPACK
   and runs it in Eigen (with operand packing). Here the SMALLER of a and g is transposed into a
@@ -74,7 +115,7 @@ def _bmm_bwd(res, g):
   return da, db
 
 
-bmm.defvjp(_bmm_fwd, _bmm_bwd)
+_bmm_cpu.defvjp(_bmm_fwd, _bmm_bwd)
 
 
 def _dense(x, kernel) -> jnp.ndarray:
@@ -90,8 +131,8 @@ def _row_chunk(rows: int) -> int:
 
 
 @jax.custom_vjp
-def linear(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
-  """x @ kernel (x: [..., in], kernel: [in, out]) whose kernel gradient is summed in chunks.
+def _linear_cpu(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
+  """x @ kernel whose kernel gradient is summed in chunks (XLA:CPU).
 
   The forward is the plain matmul. The kernel's gradient x^T g contracts over every token (16 k
   rows at batch 4): as one dot XLA:CPU runs it in Eigen with a transposed copy of g, and
@@ -99,7 +140,7 @@ def linear(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
   it. Summed as a batched matmul over 256-row chunks, then over the chunks, it stays in YNNPACK:
   a 60->120 linear with GELU, fwd+bwd at batch 4, 20.7 -> 11.9 ms on a 2-core CPU (the
   gradient differs from the one-dot sum by 1e-7 relative: summation order). Each chunk's x^T is
-  a real copy (as in `bmm`), so the chunk dots are row-major too: 2.0 -> 1.2 ms at 8 k rows.
+  a real copy (as in `_bmm_cpu`), so the chunk dots are row-major too: 2.0 -> 1.2 ms at 8 k rows.
   """
   return x @ kernel
 
@@ -114,7 +155,7 @@ def _linear_bwd(res, g):
   k, n = kernel.shape
   x2, g2 = x.reshape(-1, k), g.reshape(-1, n)
   c = _row_chunk(x2.shape[0])
-  if c:  # per chunk (x^T) g with x^T a real copy: a row-major dot, see `bmm`
+  if c:  # per chunk (x^T) g with x^T a real copy: a row-major dot, see `_bmm_cpu`
     xt = _transposed(x2.reshape(-1, c, k))
     dk = jax.lax.optimization_barrier(xt @ g2.reshape(-1, c, n)).sum(0)
   else:
@@ -122,7 +163,7 @@ def _linear_bwd(res, g):
   return dx, dk
 
 
-linear.defvjp(_linear_fwd, _linear_bwd)
+_linear_cpu.defvjp(_linear_fwd, _linear_bwd)
 
 
 class FakeQuant(nn.Module):

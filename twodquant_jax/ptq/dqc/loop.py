@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from twodquant_jax import distributed
 from twodquant_jax.data import patches
 from twodquant_jax.ptq.dqc import checkpoint as ckpt
 from twodquant_jax.ptq.dqc import memory as dqc_memory
@@ -153,7 +154,10 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
       stream = _batches(loop, settings.scale, start, settings.steps - start, mesh)
     pending = None  # (step, state, metrics) of the last dispatched step, checked one step later
     for k in range(start, settings.steps):
-      new_state, metrics = step_fn(state, next(stream), params)
+      batch = next(stream)
+      if k == start:
+        _compile_and_meet(step_fn, state, batch, params)
+      new_state, metrics = step_fn(state, batch, params)
       if pending is not None:
         finish(*pending)  # overlaps with step k running on the device
       # A non-finite step returns its input state, which was donated: keep the returned one.
@@ -189,6 +193,19 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
           "loss": settings.loss, "schedule": settings.schedule, "validation": validation,
           "microbatch": memory_info, "records": records}
   return jax.device_get(state.quant), info
+
+
+def _compile_and_meet(step_fn, state: DQCState, batch: jax.Array, params: Mapping) -> None:
+  """Multi-process: compiles the step ahead (the jitted call reuses the executable), then waits
+  for every process to have compiled it, so the first step's collectives start together
+  however far apart the compiles finish (see `distributed.meet`). Nothing with one process."""
+  if jax.process_count() == 1:
+    return
+  t0 = time.perf_counter()
+  step_fn.lower(state, batch, params).compile()
+  logging.info("DQC: step compiled in %.1f s; waiting for the other processes",
+               time.perf_counter() - t0)
+  distributed.meet("dqc step compiled")
 
 
 def _resume(manager, state: DQCState, identity: Mapping, steps: int, sharding
