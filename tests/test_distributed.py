@@ -82,6 +82,8 @@ def cache(tmp_path_factory) -> Path:
   return tmp_path_factory.mktemp("jax_cache")
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("calib_dir")  # the processes train on ../shared/data/calib
 def test_two_processes_match_one_process(tmp_path, cache):
   """3 DQC steps: 2 processes x 2 devices give the bounds of 1 process x 4 devices."""
   port = _free_port()
@@ -107,6 +109,8 @@ def test_two_processes_match_one_process(tmp_path, cache):
                 if p.name.isdigit()) == ["3"]
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("calib_dir")  # the processes train on ../shared/data/calib
 def test_killed_peer_stops_the_survivor(tmp_path, cache):
   """Process 1 kills itself after step 1: process 0 exits non-zero, saying a task died,
   within the 5 s heartbeat timeout (plus start-up), instead of waiting forever."""
