@@ -63,7 +63,7 @@ def shared_file(shared: Path) -> Callable[[str], Path]:
   def get(relative: str) -> Path:
     path = shared / relative
     if not path.exists():
-      missing(f"needs {relative} in ../shared (reference data); not found at {path}")
+      missing(f"needs ../shared/{relative} (reference data); not found at {path}")
     return path
   return get
 
