@@ -211,6 +211,7 @@ def _fake_workdir(workdir: Path, reference: Path, hr: np.ndarray, lr: np.ndarray
   return results
 
 
+@pytest.mark.slow
 def test_figures_from_fake_workdir(tmp_path, reference, benchmarks):
   from configs import base
   hr = load_rgb(benchmarks / "Set5" / "HR" / "baby.png")[160:224, 160:224]
