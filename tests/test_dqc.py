@@ -340,6 +340,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path, ca
 # ---- Microbatched gradient accumulation equals the whole-batch loss and gradient. ----
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["reference", "paper"])
 def test_microbatches_equal_whole_batch(loss):
   """Both losses, on the tiny network: microbatches of 2 reproduce the batch of 6 (the

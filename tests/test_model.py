@@ -20,7 +20,8 @@ def load_params(reference, scale):
   return model, params
 
 
-@pytest.mark.parametrize("scale", [2, 3, 4])
+@pytest.mark.parametrize("scale", [pytest.param(2, marks=pytest.mark.slow),
+                                   pytest.param(3, marks=pytest.mark.slow), 4])
 def test_parity_with_official_outputs(reference, scale):
   """Flip-padded official LR -> our model == official PyTorch output (max abs <= 1e-4)."""
   model, params = load_params(reference, scale)

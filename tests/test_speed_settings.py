@@ -36,6 +36,7 @@ def _state(settings, quant):
   return dqc_step.init_state(settings, jax.tree_util.tree_map(np.array, quant))
 
 
+@pytest.mark.slow
 def test_auto_microbatch_fits_the_memory_limit():
   batch = 6
   params, quant, settings, mesh, lr = _tiny(batch)
