@@ -33,8 +33,8 @@ def captured(reference):
   return subset
 
 
-@pytest.mark.parametrize("bits", [pytest.param(2, marks=pytest.mark.slow),
-                                  pytest.param(3, marks=pytest.mark.slow), 4])
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [2, 3, 4])
 def test_brute_and_sorted_bounds_are_identical(captured, bits):
   sorted_cfg = CalibSettings(strategy="paper", search="sorted")
   brute_cfg = CalibSettings(strategy="paper", search="brute")
