@@ -107,7 +107,6 @@ def test_buffer_opcodes_are_refused_before_unpickling(tmp_path):
     load_pth(path)
 
 
-@pytest.mark.slow
 def test_fuzzed_checkpoints_never_crash_hang_or_misread(tmp_path):
   """200 seeded mutations of data.pkl and the storage records, in a subprocess (a segfault
   or hang fails this test instead of killing pytest)."""
