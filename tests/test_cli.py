@@ -280,6 +280,7 @@ def test_bound_fractions_and_helpers(tmp_path):
   assert list(figure_inputs.bound_files(tmp_path, config.method)) == ["minmax", "dobi", "2dquant"]
 
 
+@pytest.mark.slow
 def test_rerun_of_the_same_command_is_not_refused(tmp_path, reference, benchmarks, monkeypatch):
   """The workdir guard compares a rerun with the config as the user gave it, not with the data
   locations the run resolved (with no data.root the sets come from the download cache): resuming
