@@ -8,10 +8,15 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def shared_path() -> Path:
+  """Where the shared folder is expected: $TWODQUANT_SHARED, else ../shared beside the repo root."""
+  env = os.environ.get("TWODQUANT_SHARED")
+  return Path(env) if env else REPO_ROOT.parent / "shared"
+
+
 def shared_dir() -> Path:
   """Returns ../shared beside the repo root (or $TWODQUANT_SHARED), raising if it is missing."""
-  env = os.environ.get("TWODQUANT_SHARED")
-  path = Path(env) if env else REPO_ROOT.parent / "shared"
+  path = shared_path()
   if not path.is_dir():
     raise FileNotFoundError(
         f"The shared data folder was not found at {path}. Tests and local runs expect the "

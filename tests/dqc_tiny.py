@@ -40,10 +40,14 @@ ARCH = {"embed_dim": 12, "depths": (1, 1), "num_heads": (2, 2)}
 SCALE, BITS, LR_SIZE = 4, 4, 16
 
 
-def tiny_config(steps: int, batch_size: int, keep: int = 10) -> ml_collections.ConfigDict:
+def tiny_config(steps: int, batch_size: int, keep: int = 10, calib_root: str | Path = ""
+                ) -> ml_collections.ConfigDict:
+  """The DQC settings of the tiny runs; `calib_root` (the training images, ../shared/data/calib)
+  is needed only to train: tests pass it from the `shared` fixture, never at import time."""
   c = get_config(scale=SCALE, bits=BITS)
   c.seed = 3
-  c.calib.root = str(shared_dir() / "data" / "calib")
+  if calib_root:
+    c.calib.root = str(calib_root)
   c.calib.lr_size = LR_SIZE
   c.dqc.steps = steps
   c.dqc.batch_size = batch_size
@@ -115,7 +119,7 @@ def main(argv: list[str]) -> None:
     argv, die = _join(argv)
   workdir, steps, batch = Path(argv[1]), int(argv[2]), int(argv[3])
   sleep = float(argv[4]) if len(argv) > 4 else 0.0
-  config = tiny_config(steps, batch)
+  config = tiny_config(steps, batch, calib_root=shared_dir() / "data" / "calib")
   if len(argv) > 5:
     config.dqc.checkpoint_every = int(argv[5])
   params, quant = tiny_setup()

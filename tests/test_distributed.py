@@ -84,6 +84,8 @@ def cache(tmp_path_factory) -> Path:
   return tmp_path_factory.mktemp("jax_cache")
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("calib_dir")  # the processes train on ../shared/data/calib
 def test_two_processes_match_one_process(tmp_path, cache):
   """3 DQC steps: 2 processes x 2 devices give the bounds of 1 process x 4 devices."""
   port = _free_port()
@@ -109,6 +111,8 @@ def test_two_processes_match_one_process(tmp_path, cache):
                 if p.name.isdigit()) == ["3"]
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("calib_dir")  # the processes train on ../shared/data/calib
 def test_killed_peer_stops_the_survivor(tmp_path, cache):
   """Process 1 kills itself after step 1: process 0 exits non-zero, saying a task died,
   within the 5 s heartbeat timeout (plus start-up), instead of waiting forever."""
@@ -175,6 +179,7 @@ print("waited", time.monotonic() - t0, "sum", float(step(state, batch, params)[1
 """
 
 
+@pytest.mark.slow
 def test_a_step_compiled_late_only_delays_the_run(cache):
   """Process 1 is ready for the first step 35 s after process 0, more than the 30 s Gloo waits
   for a peer: the DQC loop's meeting after compiling holds process 0 back, and the step's
@@ -190,6 +195,7 @@ def test_a_step_compiled_late_only_delays_the_run(cache):
   assert float(results[0][1].split("waited")[1].split()[0]) > 30  # held until process 1 came
 
 
+@pytest.mark.slow
 def test_a_peer_missing_the_meeting_is_one_line(cache):
   """A peer later than the limit: process 0 stops with PeerError, one line naming the setting."""
   t0 = time.monotonic()

@@ -45,6 +45,7 @@ def calibrated(reference):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale,bits", CASES)
 def test_dobi_bounds_equal_authors(reference, calibrated, scale, bits):
   ref = json.loads((reference / f"ref2dq_x{scale}_w{bits}_random_b4.json").read_text())
@@ -61,6 +62,7 @@ def test_dobi_bounds_equal_authors(reference, calibrated, scale, bits):
   assert not bad, f"{len(bad)} bounds differ (worst rel {worst:.2e}): {bad[:3]}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scale,bits", CASES)
 def test_quantized_forward_matches_authors(reference, scale, bits):
   """With the authors' bounds, our fake-quantized model reproduces their outputs.
@@ -86,6 +88,7 @@ def test_quantized_forward_matches_authors(reference, scale, bits):
     assert err_q.max() <= 1e-2
 
 
+@pytest.mark.slow
 def test_quant_mode_is_identity_without_quantization(reference, calibrated):
   """The 'capture' mode (quantizers off) gives the FP output bit for bit."""
   fp, _, params, _, _, _ = calibrated[(4, 4)]
@@ -96,6 +99,7 @@ def test_quant_mode_is_identity_without_quantization(reference, calibrated):
   np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
+@pytest.mark.slow
 def test_quant_collection_is_separate_and_complete(calibrated):
   _, qm, params, like, quant, _ = calibrated[(4, 4)]
   assert "quant" not in params and len(qnames.quant_names(like)) == 384
@@ -104,6 +108,7 @@ def test_quant_collection_is_separate_and_complete(calibrated):
   assert jax.tree_util.tree_structure(variables["quant"]) == jax.tree_util.tree_structure(quant)
 
 
+@pytest.mark.slow
 def test_bounds_file_round_trip_and_errors(calibrated, tmp_path):
   _, _, _, like, quant, _ = calibrated[(2, 2)]
   bounds_file.save_bounds(tmp_path / "bounds.json", quant, {"method": "dobi"})
@@ -134,6 +139,7 @@ def test_names_round_trip():
   assert not qnames.is_one_sided("layers.0.residual_group.blocks.0.mlp.fc1.act_quantizer")
 
 
+@pytest.mark.slow
 def test_baselines_and_paper_strategy(reference, calibrated):
   """MinMax bounds are the tensor range (contain DOBI's); the paper strategy differs from the
   reference one only by keeping the minimum as lower bound of the one-sided tensors."""

@@ -33,6 +33,7 @@ def captured(reference):
   return subset
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_brute_and_sorted_bounds_are_identical(captured, bits):
   sorted_cfg = CalibSettings(strategy="paper", search="sorted")

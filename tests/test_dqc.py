@@ -42,6 +42,7 @@ def _rel(a, b) -> float:
 # ---- a. Parity with the authors' DQC step (loss terms and all 768 bound gradients). ----
 
 
+@pytest.mark.slow
 def test_reference_loss_and_gradients_match_authors(reference):
   ref = json.loads((reference / "ref2dq_x4_w4_random_b4.json").read_text())
   step = ref["dqc_step"]
@@ -228,10 +229,10 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny, tmp_path_factory, benchmarks):
+def uninterrupted(tiny, tmp_path_factory, benchmarks, calib_dir):
   """40 steps at batch 4 in one go (with a held-out validation pass every 20 steps)."""
   workdir = tmp_path_factory.mktemp("dqc_full")
-  config = dqc_tiny.tiny_config(40, 4)
+  config = dqc_tiny.tiny_config(40, 4, calib_root=calib_dir)
   config.dqc.val_root = str(benchmarks / "Set14")
   config.dqc.val_images = 2
   config.dqc.val_every = 20
@@ -240,6 +241,7 @@ def uninterrupted(tiny, tmp_path_factory, benchmarks):
   return dqc_tiny.as_dict(final), info, workdir
 
 
+@pytest.mark.slow
 def test_uninterrupted_run(uninterrupted):
   final, info, workdir = uninterrupted
   assert info["steps_run"] == 40 and info["resumed_from"] is None
@@ -250,7 +252,8 @@ def test_uninterrupted_run(uninterrupted):
   assert all(np.isfinite(v).all() for v in final.values())
 
 
-def test_kill_and_resume_matches_uninterrupted(tiny, uninterrupted, tmp_path):
+@pytest.mark.slow
+def test_kill_and_resume_matches_uninterrupted(tiny, uninterrupted, tmp_path, calib_dir):
   workdir = tmp_path / "run"
   workdir.mkdir()
   proc = subprocess.Popen(
@@ -272,7 +275,7 @@ def test_kill_and_resume_matches_uninterrupted(tiny, uninterrupted, tmp_path):
   killed_at = max(_log_steps(workdir))
   assert 25 <= killed_at < 40
 
-  final, info = dqc_tiny.train(*tiny, dqc_tiny.tiny_config(40, 4), workdir)
+  final, info = dqc_tiny.train(*tiny, dqc_tiny.tiny_config(40, 4, calib_root=calib_dir), workdir)
   assert 20 <= info["resumed_from"] <= killed_at
   assert info["steps_run"] == 40 - info["resumed_from"]
   assert _log_steps(workdir) == list(range(1, 41))  # the killed run's extra lines are dropped
@@ -283,7 +286,8 @@ def test_kill_and_resume_matches_uninterrupted(tiny, uninterrupted, tmp_path):
     np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
 
 
-def test_one_vs_four_devices(tiny, tmp_path):
+@pytest.mark.slow
+def test_one_vs_four_devices(tiny, tmp_path, calib_dir):
   """5 data-parallel steps on 4 (fake CPU) devices give the bounds of 5 single-device steps.
 
   (Longer runs drift apart: a float32 reduction-order difference eventually flips a round()
@@ -294,7 +298,8 @@ def test_one_vs_four_devices(tiny, tmp_path):
                           env=_subprocess_env(devices=4), cwd=REPO_ROOT,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   try:
-    one, _ = dqc_tiny.train(*tiny, dqc_tiny.tiny_config(5, 4), tmp_path / "one")
+    one, _ = dqc_tiny.train(*tiny, dqc_tiny.tiny_config(5, 4, calib_root=calib_dir),
+                            tmp_path / "one")
     out, err = proc.communicate(timeout=300)
   finally:
     if proc.poll() is None:
@@ -309,8 +314,9 @@ def test_one_vs_four_devices(tiny, tmp_path):
     np.testing.assert_allclose(four[name], one[name], rtol=1e-5, atol=1e-7, err_msg=name)
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
-  config = dqc_tiny.tiny_config(10, 2)
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path, calib_dir):
+  config = dqc_tiny.tiny_config(10, 2, calib_root=calib_dir)
   config.dqc.lr = 1e30  # the first update is finite, the next forward overflows
   config.dqc.schedule = "constant"
   config.dqc.checkpoint_every = 1
@@ -334,6 +340,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny, tmp_path):
 # ---- Microbatched gradient accumulation equals the whole-batch loss and gradient. ----
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["reference", "paper"])
 def test_microbatches_equal_whole_batch(loss):
   """Both losses, on the tiny network: microbatches of 2 reproduce the batch of 6 (the
@@ -358,13 +365,14 @@ def test_microbatches_equal_whole_batch(loss):
   assert [dqc_step.microbatch_size(b, m) for b, m in [(32, 8), (12, 8), (5, 2), (4, 8)]] == [8, 6, 1, 4]
 
 
-def test_loss_falls_and_every_bound_group_moves(tiny, uninterrupted):
+@pytest.mark.slow
+def test_loss_falls_and_every_bound_group_moves(tiny, uninterrupted, calib_dir):
   """DQC learns: over 40 steps the loss on a held-out batch falls and every kind of bound (weight / activation /
   attention operand, lower and upper) is trained. A broken gradient path (e.g. the STE or the
   bound gradients zeroed, or the optimizer not applied) fails here."""
   final, _, _ = uninterrupted
   params, quant0 = tiny
-  config = dqc_tiny.tiny_config(40, 4)
+  config = dqc_tiny.tiny_config(40, 4, calib_root=calib_dir)
   source = patches.load_patch_source(config.calib.root, config.calib.lr_size * dqc_tiny.SCALE)
   held_out = patches.sample_batch(source, 99, 0, 16, scale=dqc_tiny.SCALE,
                                   lr_size=config.calib.lr_size)["lr"].astype(np.float32) / 255.0

@@ -1,5 +1,5 @@
-"""benchmarks/gpu_check.sh --smoke: the GPU check's CPU-sized mode runs and prints one JSON
-object with every section's keys (the full mode needs a GPU and minutes)."""
+"""benchmarks/gpu_check.sh --smoke: the GPU check's CPU-sized mode runs every section and prints
+one JSON object whose values are right for a CPU run (the full mode needs a GPU and minutes)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,12 @@ import json
 import os
 import subprocess
 
+import pytest
+
 from shared_paths import REPO_ROOT
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke(shared, tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", TWODQUANT_SHARED=str(shared))
   cmd = [str(REPO_ROOT / "benchmarks" / "gpu_check.sh"), "--smoke", "--workdir", str(tmp_path),
@@ -20,21 +23,29 @@ def test_gpu_check_smoke(shared, tmp_path):
   out = json.loads(lines[0])
   assert proc.returncode == 0, json.dumps(out, indent=1)[:3000]
   assert out["smoke"] is True and out["backend"] == "cpu"
+  sections = ("fp_parity", "dobi", "dqc_speed", "pipeline")
+  assert all(out[s]["ok"] for s in sections), {s: out[s].get("error") for s in sections}
   par = out["fp_parity"]
-  assert par["ok"] and par["highest"]["pass_1e-4"] and set(par) >= {"highest", "default"}
+  # XLA:CPU computes float32 matmuls in full float32 at either precision: both match PyTorch.
+  for precision in ("highest", "default"):
+    assert par[precision]["pass_1e-4"], par[precision]
+    assert list(par[precision]["max_abs_diff"]) == ["baby"]  # smoke: one image
   dobi = out["dobi"]
   assert dobi["bounds_total"] == 768 and dobi["bounds_equal"] == 768, dobi
   dqc = out["dqc_speed"]
-  assert dqc["steps_per_s"] > 0 and dqc["loss_finite"] and dqc["microbatch"] >= 1
-  assert {"microbatch", "bytes", "limit_bytes"} <= set(dqc["microbatch_info"])
-  assert "peak_device_bytes" in dqc
+  assert dqc["steps_per_s"] > 0 and dqc["loss_finite"]
+  info = dqc["microbatch_info"]  # auto microbatch: a divisor of the batch whose step fits
+  assert info["microbatch"] == dqc["microbatch"] and dqc["batch"] % dqc["microbatch"] == 0
+  assert 0 < info["bytes"] <= info["limit_bytes"], info
   pipe = out["pipeline"]
-  assert pipe["ok"], pipe
-  assert set(pipe["stages"]) >= {"calibration_s", "dqc_s", "eval_s", "total_s"}
+  assert pipe["method"] == "dobi"
+  stages = pipe["stages"]  # DOBI calibrates and evaluates, and runs no DQC
+  assert stages["dqc_s"] is None and pipe["dqc_steps_per_s"] is None
+  assert 0 < stages["calibration_s"] < stages["total_s"], stages
+  assert 0 < stages["eval_s"] < stages["total_s"], stages
   assert set(pipe["datasets"]) == {"Set5", "Set14", "B100"}
   assert all(d["psnr"] > 10 for d in pipe["datasets"].values()), pipe["datasets"]
-  for section in ("fp_parity", "dobi", "dqc_speed", "pipeline"):
-    assert out[section]["wall_s"] >= 0
+  assert all(0 < out[s]["wall_s"] <= out["wall_s"] for s in sections), out
 
 
 def test_planned_steps_fit_the_budget():

@@ -67,6 +67,7 @@ def parity_crops(reference):
   return jnp.asarray(np.stack(crops).astype(np.float32) / 255.0)
 
 
+@pytest.mark.slow
 def test_int_network_equals_fake_quant(reference, random_x4):
   """Random x4 checkpoint, the authors' 4-bit bounds: the whole SwinIR-light in 'int' mode."""
   params, quant = random_x4

@@ -20,7 +20,8 @@ def load_params(reference, scale):
   return model, params
 
 
-@pytest.mark.parametrize("scale", [2, 3, 4])
+@pytest.mark.parametrize("scale", [pytest.param(2, marks=pytest.mark.slow),
+                                   pytest.param(3, marks=pytest.mark.slow), 4])
 def test_parity_with_official_outputs(reference, scale):
   """Flip-padded official LR -> our model == official PyTorch output (max abs <= 1e-4)."""
   model, params = load_params(reference, scale)
@@ -101,6 +102,7 @@ def test_model_rejects_bad_input_shape(reference):
     model.apply({"params": params}, jnp.zeros((1, 3, 16, 16)))
 
 
+@pytest.mark.slow
 def test_tiny_5x5_image_gives_a_correct_size_result(reference):
   """A 5x5 LR image is flip-padded to 8x8 and cropped back: a (20, 20, 3) finite x4 result."""
   model, params = load_params(reference, 4)

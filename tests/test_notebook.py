@@ -53,6 +53,7 @@ def _display_stub(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "IPython.display", mod)
 
 
+@pytest.mark.slow
 def test_offline_cells_run(notebook, tmp_path, monkeypatch, reference, benchmarks):
   root = tmp_path / "bench"
   for name in ("baby", "bird"):

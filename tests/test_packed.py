@@ -165,6 +165,7 @@ def _tiny_set5(root: Path, benchmarks: Path) -> None:
     save_png(root / "Set5" / "HR" / f"{name}.png", hr[y:y + 64, x:x + 64])
 
 
+@pytest.mark.slow
 def test_pipeline_export_then_evaluate_from_file_alone(reference, benchmarks, tmp_path,
                                                        monkeypatch):
   """Bounds + export -> results.md size line; the packed file alone (no FP checkpoint, `method`

@@ -14,11 +14,6 @@ HR = 64 * SCALE
 
 
 @pytest.fixture(scope="module")
-def calib_dir(shared):
-  return shared / "data" / "calib"
-
-
-@pytest.fixture(scope="module")
 def source(calib_dir):
   return patches.load_patch_source(calib_dir, HR)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 
 from configs import base
 from twodquant_jax import pipeline, settings
@@ -23,6 +24,7 @@ def _tiny_benchmark(root, benchmarks) -> None:
     save_png(root / "Tiny" / "HR" / f"{name}.png", hr)
 
 
+@pytest.mark.slow
 def test_2dquant_beats_dobi_end_to_end(tmp_path, reference, benchmarks, shared):
   _tiny_benchmark(tmp_path / "bench", benchmarks)
   c = base.get_config(scale=SCALE, bits=BITS, method="fp,minmax,dobi,2dquant")

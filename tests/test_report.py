@@ -295,6 +295,7 @@ def test_from_workdir_cli_error_is_one_line(tmp_path, capsys, results, message):
   assert len(err.splitlines()) == 1 and message in err, err
 
 
+@pytest.mark.slow
 def test_from_workdir_reproduces_the_run(tmp_path, reference, benchmarks, shared, monkeypatch):
   """A real small 2DQuant run with figures: reading its workdir back gives the FigureInputs the
   run handed to the figures (bounds, DQC records, statistics, visuals), without recomputing."""

@@ -87,6 +87,7 @@ def test_table_marks_missing_cells():
   assert "Missing cells (no finished results.json): x4_w2." in md
 
 
+@pytest.mark.slow
 def test_sweep_of_two_tiny_cells(tmp_path, reference, benchmarks, monkeypatch, caplog):
   root, workdir = tmp_path / "bench", tmp_path / "sweep"
   _tiny_benchmark(root, benchmarks)
