@@ -63,7 +63,7 @@ def count_only(pred_kwargs: dict, sets: dict[str, list[tuple[int, int]]], chunk:
   buckets = bucket.plan(shapes, compile_now=False)
   m = bucket.multiple
   own = sum((-(-h // m) * m) * (-(-w // m) * m) for h, w in shapes)
-  used = sum(np.prod(bucket._bucket_of((-(-h // m) * m, -(-w // m) * m))) for h, w in shapes)
+  used = sum(np.prod(bucket.bucket_of((-(-h // m) * m, -(-w // m) * m))) for h, w in shapes)
   return {"per_size_compiles": len(per_size), "bucket_compiles": len(buckets),
           "buckets": buckets, "bucket_pixels_over_exact": round(float(used / own), 3)}
 

@@ -351,7 +351,7 @@ class Predictor:
     boxes, thw = tile_boxes(hw, self.tile, self.tile_overlap)
     return [thw] * len(boxes)
 
-  def _bucket_of(self, hw: tuple[int, int]) -> tuple[int, int] | None:
+  def bucket_of(self, hw: tuple[int, int]) -> tuple[int, int] | None:
     """The smallest bucket that holds an (h, w) piece, or None."""
     fits = [b for b in self.buckets if b[0] >= hw[0] and b[1] >= hw[1]]
     return min(fits, key=lambda b: (b[0] * b[1], b), default=None)
@@ -365,7 +365,7 @@ class Predictor:
     """Plans buckets for the pieces that no bucket holds yet."""
     homeless: dict[tuple[int, int], int] = {}
     for hw in piece_sizes:
-      if self._bucket_of(hw) is None:
+      if self.bucket_of(hw) is None:
         homeless[hw] = homeless.get(hw, 0) + 1
     if homeless:
       room = max(1, self.max_buckets - len(self.buckets))
@@ -420,7 +420,7 @@ class Predictor:
     self._add_buckets(p.shape[:2] for p in pieces)
     queues: dict[tuple[int, int], list[int]] = {b: [] for b in self.buckets}
     for k, p in enumerate(pieces):
-      queues[self._bucket_of(p.shape[:2])].append(k)
+      queues[self.bucket_of(p.shape[:2])].append(k)
     order = sorted(queues, key=lambda b: (b[0] * b[1], b), reverse=True)
     outs: list[np.ndarray | None] = [None] * len(pieces)
     for n, bucket in enumerate(order):
