@@ -12,6 +12,7 @@ import functools
 from typing import Sequence
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -62,6 +63,62 @@ def shifted_window_mask(h: int, w: int, ws: int, shift: int) -> np.ndarray:
   return np.where(diff != 0, MASK_VALUE, 0.0).astype(np.float32)
 
 
+@flax.struct.dataclass
+class ValidRegion:
+  """Where each image of a batch lies in a larger canvas (an evaluation bucket), as data.
+
+  Image b occupies the top-left valid_hw[b] of the canvas (multiples of the window size); the
+  rest is padding. With it the network computes, for every valid pixel, exactly what it computes
+  on the image alone: features outside the image are zeroed before each 3x3 convolution (the
+  convolution's zero padding), and the shifted-window roll wraps around the image's own size
+  (a gather), so every shifted window holds the tokens it holds on the image alone, with the
+  same region mask. Windows are aligned at the origin, so none mixes image and padding tokens.
+  """
+  keep: jnp.ndarray     # (B, H, W, 1) bool: inside the image
+  roll: jnp.ndarray     # (B, H*W) int32: source token of each position of the shifted map
+  unroll: jnp.ndarray   # (B, H*W) int32: the inverse gather
+  regions: jnp.ndarray  # (B, H, W) int32: shifted_window_mask's region of each shifted position
+
+
+def _axis_layout(valid: jnp.ndarray, n: int, ws: int, shift: int):
+  """Per image, along one axis of length n: roll source, unroll source, region band, inside."""
+  pos = jnp.arange(n)[None, :]
+  v = valid[:, None]
+  inside = pos < v
+  src = jnp.where(inside, (pos + shift) % v, pos)
+  dst = jnp.where(inside, (pos - shift) % v, pos)
+  band = jnp.where(pos < v - ws, 0, jnp.where(pos < v - shift, 1, jnp.where(inside, 2, 3)))
+  return src, dst, band, inside
+
+
+def valid_region(valid_hw: jnp.ndarray, hw: tuple[int, int], ws: int, shift: int) -> ValidRegion:
+  """The `ValidRegion` of images of sizes valid_hw (B, 2) int in an hw canvas (traceable)."""
+  (h, w), valid_hw = hw, jnp.asarray(valid_hw, jnp.int32)
+  src_h, dst_h, band_h, in_h = _axis_layout(valid_hw[:, 0], h, ws, shift)
+  src_w, dst_w, band_w, in_w = _axis_layout(valid_hw[:, 1], w, ws, shift)
+  flat = lambda a, b: (a[:, :, None] * w + b[:, None, :]).reshape(-1, h * w)
+  return ValidRegion(keep=(in_h[:, :, None] & in_w[:, None, :])[..., None],
+                     roll=flat(src_h, src_w), unroll=flat(dst_h, dst_w),
+                     regions=band_h[:, :, None] * 4 + band_w[:, None, :])
+
+
+def _gather_tokens(y: jnp.ndarray, index: jnp.ndarray) -> jnp.ndarray:
+  """y (B, H, W, C) with its tokens permuted per image: out[b, p] = y[b, index[b, p]]."""
+  b, h, w, c = y.shape
+  return jnp.take_along_axis(y.reshape(b, h * w, c), index[..., None], axis=1).reshape(y.shape)
+
+
+def region_mask(regions: jnp.ndarray, ws: int) -> jnp.ndarray:
+  """(B, H, W) region ids -> (B * nW, 1, N, N) additive mask: 0 within a region, -100 across."""
+  win = window_partition(regions[..., None], ws)[..., 0]
+  return jnp.where(win[:, :, None] != win[:, None, :], MASK_VALUE, 0.0)[:, None]
+
+
+def _zero_outside(x: jnp.ndarray, region: ValidRegion | None) -> jnp.ndarray:
+  """x (B, H, W, C) with the padding around each image set to 0 (a 3x3 conv's zero padding)."""
+  return x if region is None else jnp.where(region.keep, x, 0.0)
+
+
 class WindowAttention(nn.Module):
   """Window multi-head self-attention with relative position bias and the four BMM quantizers."""
   dim: int
@@ -71,7 +128,8 @@ class WindowAttention(nn.Module):
   bits: int = 4
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, mask: np.ndarray | None) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, mask: np.ndarray | jnp.ndarray | None) -> jnp.ndarray:
+    """mask: (nW, N, N) shared by the images of the batch, or (B * nW, 1, N, N) per window."""
     b_, n, c = x.shape
     nh, hd = self.num_heads, c // self.num_heads
     ws = self.window_size
@@ -86,7 +144,9 @@ class WindowAttention(nn.Module):
                        ((2 * ws - 1) ** 2, nh))
     bias = table[relative_position_index(ws).reshape(-1)].reshape(n, n, nh).transpose(2, 0, 1)
     attn = attn + bias[None]
-    if mask is not None:
+    if mask is not None and mask.ndim == 4:
+      attn = attn + mask
+    elif mask is not None:
       nw = mask.shape[0]
       attn = attn.reshape(b_ // nw, nw, nh, n, n) + jnp.asarray(mask)[None, :, None]
       attn = attn.reshape(b_, nh, n, n)
@@ -121,19 +181,26 @@ class SwinBlock(nn.Module):
   bits: int = 4
 
   @nn.compact
-  def __call__(self, x: jnp.ndarray, hw: tuple[int, int]) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, hw: tuple[int, int],
+               region: ValidRegion | None = None) -> jnp.ndarray:
     h, w = hw
     b, _, c = x.shape
     ws, s = self.window_size, self.shift
     y = nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, name="norm1")(x).reshape(b, h, w, c)
-    if s:
+    mask = None
+    if s and region is None:
       y = jnp.roll(y, (-s, -s), axis=(1, 2))
-    mask = shifted_window_mask(h, w, ws, s) if s else None
+      mask = shifted_window_mask(h, w, ws, s)
+    elif s:  # the roll wraps around each image's own size, not the canvas
+      y = _gather_tokens(y, region.roll)
+      mask = region_mask(region.regions, ws)
     y = WindowAttention(self.dim, self.num_heads, ws, self.mode, self.bits, name="attn")(
         window_partition(y, ws), mask)
     y = window_reverse(y, ws, h, w)
-    if s:
+    if s and region is None:
       y = jnp.roll(y, (s, s), axis=(1, 2))
+    elif s:
+      y = _gather_tokens(y, region.unroll)
     x = x + y.reshape(b, h * w, c)
     y = nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, name="norm2")(x)
     return x + Mlp(int(self.dim * self.mlp_ratio), self.mode, self.bits, name="mlp")(y)
@@ -166,9 +233,10 @@ class BlockStack(_Stage):
                   self.bits) for i in range(self.depth)
     ]
 
-  def __call__(self, x: jnp.ndarray, hw: tuple[int, int]) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, hw: tuple[int, int],
+               region: ValidRegion | None = None) -> jnp.ndarray:
     for blk in self.blocks:
-      x = blk(x, hw)
+      x = blk(x, hw, region)
     return x
 
 
@@ -185,10 +253,11 @@ class RSTB(_Stage):
                                      self.mlp_ratio, self.mode, self.bits, self.remat)
     self.conv = _conv(self.dim)
 
-  def __call__(self, x: jnp.ndarray, hw: tuple[int, int]) -> tuple[jnp.ndarray, jnp.ndarray]:
-    feat = self.residual_group(x, hw)
+  def __call__(self, x: jnp.ndarray, hw: tuple[int, int], region: ValidRegion | None = None
+               ) -> tuple[jnp.ndarray, jnp.ndarray]:
+    feat = self.residual_group(x, hw, region)
     b, _, c = x.shape
-    y = self.conv(feat.reshape(b, hw[0], hw[1], c)).reshape(b, -1, c)
+    y = self.conv(_zero_outside(feat.reshape(b, hw[0], hw[1], c), region)).reshape(b, -1, c)
     return y + x, feat
 
 
@@ -244,16 +313,18 @@ class SwinIR(nn.Module):
       x = jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="reflect")
     return x
 
-  def embed(self, x: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarray]:
+  def embed(self, x: jnp.ndarray, region: ValidRegion | None = None
+            ) -> tuple[jnp.ndarray, jnp.ndarray]:
     """Normalised, padded image -> (shallow features NHWC, token sequence (B, H*W, C))."""
     x = (self.pad_to_window(x) - jnp.asarray(RGB_MEAN, x.dtype)) * self.img_range
-    shallow = self.conv_first(x)
+    shallow = self.conv_first(_zero_outside(x, region))
     b, h, w, c = shallow.shape
     return shallow, self.patch_embed_norm(shallow.reshape(b, h * w, c))
 
-  def layer(self, i: int, tokens: jnp.ndarray, hw: tuple[int, int]):
+  def layer(self, i: int, tokens: jnp.ndarray, hw: tuple[int, int],
+            region: ValidRegion | None = None):
     """Runs RSTB i: returns (tokens, block-stack feature)."""
-    return self.layers[i](tokens, hw)
+    return self.layers[i](tokens, hw, region)
 
   @nn.nowrap
   def stage(self, i: int, mode: str | None = None) -> "RSTB":
@@ -266,26 +337,37 @@ class SwinIR(nn.Module):
     """The key of RSTB i's parameters (Flax names list entries `<attr>_<i>`)."""
     return f"layers_{i}"
 
-  def tail(self, tokens: jnp.ndarray, shallow: jnp.ndarray, out_hw: tuple[int, int]):
+  def tail(self, tokens: jnp.ndarray, shallow: jnp.ndarray, out_hw: tuple[int, int],
+           region: ValidRegion | None = None):
     """Final norm, conv_after_body + long skip, pixelshuffledirect, de-normalise, crop."""
     b, h, w, c = shallow.shape
     x = self.norm(tokens).reshape(b, h, w, c)
-    x = self.conv_after_body(x) + shallow
-    x = pixel_shuffle(self.upsample(x), self.upscale)
+    x = self.conv_after_body(_zero_outside(x, region)) + shallow
+    x = pixel_shuffle(self.upsample(_zero_outside(x, region)), self.upscale)
     x = x / self.img_range + jnp.asarray(RGB_MEAN, x.dtype)
     return x[:, :out_hw[0] * self.upscale, :out_hw[1] * self.upscale]
 
-  def __call__(self, x: jnp.ndarray, return_features: bool = False):
+  def __call__(self, x: jnp.ndarray, return_features: bool = False,
+               valid_hw: jnp.ndarray | None = None):
+    """valid_hw (B, 2) int, optional: image b is the top-left valid_hw[b] of x (both multiples
+    of the window size), padding elsewhere; its output pixels are those of the image alone.
+    Default: every image fills x (the exact-size path calibration and training use)."""
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"SwinIR expects NHWC RGB input (B, H, W, 3), got shape {x.shape}")
     out_hw = x.shape[1:3]
-    shallow, tokens = self.embed(x)
+    region = None
+    if valid_hw is not None:
+      if out_hw[0] % self.window_size or out_hw[1] % self.window_size:
+        raise ValueError(f"a canvas with valid_hw must be a multiple of the window size "
+                         f"{self.window_size}, got {out_hw[0]}x{out_hw[1]}")
+      region = valid_region(valid_hw, out_hw, self.window_size, self.window_size // 2)
+    shallow, tokens = self.embed(x, region)
     hw = shallow.shape[1:3]
     feats = []
     for i in range(len(self.layers)):
-      tokens, feat = self.layer(i, tokens, hw)
+      tokens, feat = self.layer(i, tokens, hw, region)
       feats.append(feat)
-    out = self.tail(tokens, shallow, out_hw)
+    out = self.tail(tokens, shallow, out_hw, region)
     return (out, feats) if return_features else out
 
 
