@@ -46,6 +46,10 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   # 0.002 dB of whole images from overlap 8 up (docs/running.md, docs/measured/robustness.md).
   c.eval.tile_overlap = 16
   c.eval.save_sr = False  # write the SR PNGs to <workdir>/sr/<method>/<dataset>/
+  # run images of every size through a few compiled shapes (exact: features outside each image
+  # are zeroed before convolutions and shifted windows roll around the image's own size);
+  # False: one compile per distinct padded image size (the BasicSR way, equal results)
+  c.eval.buckets = True
   c.eval.engine = "fake"  # quantized forward: fake (float fake-quant) | int (int8 matmuls + corrections)
 
   c.calib = ml_collections.ConfigDict()

@@ -188,14 +188,15 @@ def sr_predictor(settings: RunSettings, params: dict, quant: dict | None) -> eva
   """A Predictor for the FP model (quant None) or the fake-quantized one with these bounds."""
   s, e = settings, settings.eval
   if quant is None:
-    fn, variables = evaluate.jitted_apply(s.scale), {"params": params}
+    kind, variables = (s.scale,), {"params": params}
   else:
     mode = "int" if e.engine == "int" else "quant"  # integer engine or fake-quant
-    fn = evaluate.jitted_apply(s.scale, mode, s.bits)
-    variables = {"params": params, "quant": quant}
-  return evaluate.Predictor(fn, s.scale, batch_size=e.batch_size, tile=e.tile or None,
-                            tile_overlap=e.tile_overlap, variables=variables,
-                            batch_pixels=e.batch_pixels or None, tile_blend=e.tile_blend)
+    kind, variables = (s.scale, mode, s.bits), {"params": params, "quant": quant}
+  return evaluate.Predictor(evaluate.jitted_apply(*kind), s.scale, batch_size=e.batch_size,
+                            tile=e.tile or None, tile_overlap=e.tile_overlap,
+                            variables=variables, batch_pixels=e.batch_pixels or None,
+                            tile_blend=e.tile_blend,
+                            bucket_apply=evaluate.bucket_apply(*kind) if e.buckets else None)
 
 
 def evaluate_method(settings: RunSettings, method: str, predict, datasets: dict, workdir: Path,
@@ -318,9 +319,14 @@ def _run(settings: RunSettings, workdir: Path, inputs: Inputs | None) -> dict:
           if s.export_packed:
             entry.packed = _export_packed(s, workdir, method, params, quant, inputs.ckpt_path,
                                           record.ratios)
-        predict = sr_predictor(s, params, quant).predict
+        predictor = sr_predictor(s, params, quant)
+        predictor.plan([im.lr.shape[:2] for images in datasets.values() for im in images])
+        predict = predictor.predict
       entry.datasets = evaluate_method(s, method, predict, datasets, workdir, kept,
                                        tiled=spec.network)
+      if spec.network:
+        compiled = predictor.compile_stats()
+        entry.eval_compiles, entry.eval_compile_s = compiled["compiles"], compiled["compile_s"]
       entry.seconds = time.perf_counter() - t0
       record.seconds_total = time.perf_counter() - t_start
       write_results(workdir, record)

@@ -218,6 +218,7 @@ class EvalSettings:
   tile_blend: str = "center"
   save_sr: bool = False
   engine: str = "fake"
+  buckets: bool = True  # a few compiled shapes for every image size (eval/predict.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -558,7 +559,8 @@ def _parse_run(config: ml_collections.ConfigDict, scale: int, bits: int,
       eval=EvalSettings(datasets=datasets, batch_size=int(e.batch_size),
                         batch_pixels=int(e.batch_pixels), tile=int(e.tile or 0),
                         tile_overlap=int(e.tile_overlap), tile_blend=str(e.tile_blend),
-                        save_sr=bool(e.save_sr), engine=str(e.engine)),
+                        save_sr=bool(e.save_sr), engine=str(e.engine),
+                        buckets=bool(e.get("buckets", True))),
       calib=CalibSource(str(config.calib.root), str(config.calib.batch_file),
                         int(config.calib.num_patches), int(config.calib.lr_size),
                         bool(config.calib.augment)),

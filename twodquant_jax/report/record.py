@@ -19,6 +19,8 @@ class MethodRecord:
   engine: str | None = None  # quantized forward: fake | int
   packed: dict | None = None  # the packed export's info
   datasets: dict | None = None  # per dataset: psnr, ssim, images, ...
+  eval_compiles: int | None = None  # network functions compiled for this row's evaluation
+  eval_compile_s: float | None = None  # seconds spent compiling them
   seconds: float | None = None
 
   def to_json(self) -> dict[str, Any]:
