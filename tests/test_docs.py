@@ -115,8 +115,11 @@ def test_every_config_field_is_in_docs_config_md():
 
 def _issue_number_mentions() -> list[str]:
   text_files = (p for p in DOCS.rglob("*") if p.suffix in {".md", ".json", ".txt", ".py"})
+  code = [ROOT / "main.py", *sorted((ROOT / "twodquant_jax").rglob("*.py")),
+          *sorted((ROOT / "tests").glob("*.py")), *sorted((ROOT / "benchmarks").glob("*.py")),
+          *sorted((ROOT / "benchmarks").glob("*.sh"))]
   files = [README, *sorted(text_files), *sorted((ROOT / "configs").glob("*.py")),
-           *sorted((ROOT / "notebooks").glob("*.ipynb"))]
+           *sorted((ROOT / "notebooks").glob("*.ipynb")), *code]
   found = []
   for path in files:
     if _ISSUE.search(path.name):
@@ -127,6 +130,6 @@ def _issue_number_mentions() -> list[str]:
   return found
 
 
-def test_no_issue_numbers_in_readme_docs_configs_and_notebooks():
+def test_no_issue_numbers_in_docs_configs_notebooks_or_code():
   found = _issue_number_mentions()
   assert not found, "say what the work did, not which ticket asked for it: " + "; ".join(found)

@@ -57,7 +57,7 @@ def _run(c, workdir):
   return pipeline.run(settings.parse(c), workdir)
 
 
-# --- settings: every value checked first, named correctly (items 5, 6) -----------------------
+# --- settings: every value checked first, named correctly
 
 @pytest.mark.parametrize("method,field,value,message", [
     ("2dquant", "dqc.steps", -1, "config.dqc.steps must be >= 1"),
@@ -93,7 +93,7 @@ def test_missing_paths_are_named_before_any_work(tmp_path, reference, benchmarks
   assert not (tmp_path / "w").exists()
 
 
-# --- bad files: named, before any compute (item 4) ------------------------------------------
+# --- bad files: named, before any compute
 
 def test_tiny_image_is_rejected_at_load_naming_the_file(tmp_path, reference, benchmarks):
   c = _config(tmp_path, reference, benchmarks)
@@ -176,7 +176,7 @@ def test_bad_batch_file_named(tmp_path, reference, benchmarks):
     _run(c, tmp_path / "w")
 
 
-# --- the workdir lock and the overwrite guard (item 7) --------------------------------------
+# --- the workdir lock and the overwrite guard
 
 def _lock(workdir: Path, pid: int, host: str | None = None) -> None:
   workdir.mkdir(parents=True, exist_ok=True)
@@ -273,7 +273,7 @@ def test_claim_removes_only_the_folders_it_made_and_left_empty(tmp_path):
   assert (tmp_path / "c").is_dir() and not (tmp_path / "c" / "d").exists()
 
 
-# --- DOBI reuse on resume (item 8) ----------------------------------------------------------
+# --- DOBI reuse on resume
 
 def test_resumed_2dquant_reuses_dobi_of_the_same_identity(tmp_path, reference, benchmarks):
   c = _config(tmp_path, reference, benchmarks, "2dquant")
@@ -298,7 +298,7 @@ def test_resumed_2dquant_reuses_dobi_of_the_same_identity(tmp_path, reference, b
   assert reuse(c, params, lr)[0] is None
 
 
-# --- evaluation memory budget and tiling (items 2, 3) ---------------------------------------
+# --- evaluation memory budget and tiling
 
 def test_pixel_budget_splits_batches_and_keeps_results():
   """Same-size images go in calls of at most batch_pixels LR pixels (at least one image), and

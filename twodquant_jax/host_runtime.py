@@ -8,7 +8,7 @@ from. XLA:CPU allocates each execution's temporary buffer with malloc and frees 
 (7.5 GB for a batch-4 x4 DQC step), plus ~2.4 M small and medium blocks a step from its worker
 threads. Under glibc's defaults the large block is a fresh `mmap` every step, page-faulted and
 zero-filled again: a third of the step's CPU time on a 2-core machine
-(docs/measured/issue11_figures.md).
+(docs/measured/speed-cpu-gpu.md).
 
 - 'auto' (the default): tcmalloc if it is already loaded (the user preloaded it; Colab does),
   else 'keep', else (no glibc `mallopt`, e.g. musl or macOS) 'system'.
@@ -19,7 +19,7 @@ zero-filled again: a third of the step's CPU time on a 2-core machine
   running process); anything else is an error. Its per-thread caches serve the worker threads'
   blocks without glibc's arena lock and it reuses the large buffer: a batch-4 DQC step
   2.4 -> 2.2 s on 2 cores, no slow first steps, half the resident memory of 'keep'
-  (docs/measured/issue11_figures.md, session 4). To use it (Debian/Ubuntu: `apt-get install
+  (docs/measured/speed-cpu-gpu.md). To use it (Debian/Ubuntu: `apt-get install
   libtcmalloc-minimal4`):
 
     LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 python main.py --config=...
@@ -31,7 +31,7 @@ zero-filled again: a third of the step's CPU time on a 2-core machine
 
 2. `cpu_devices`: how many XLA devices the CPU backend shows. A data-parallel DQC step split over
 two CPU devices of a 2-core machine runs its two halves concurrently and keeps both cores busy
-(one device leaves ~17 % of the CPU time idle between its mostly sequential ops): 3.5 -> 2.96 s
+(one device leaves ~17 % of the CPU time idle between its mostly sequential ops): 3.49 -> 2.96 s
 per batch-4 step here; four devices were slower (3.35 s). 0 ('auto'): a count the user set in
 `XLA_FLAGS=--xla_force_host_platform_device_count=N` (or JAX's own `JAX_NUM_CPU_DEVICES=N`) is
 kept; else one device per usable core, dividing the DQC batch, for a single-process run that
