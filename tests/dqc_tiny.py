@@ -25,15 +25,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from shared_paths import REPO_ROOT, shared_dir
+REPO_ROOT = Path(__file__).resolve().parents[1]
+for _folder in (REPO_ROOT, REPO_ROOT / "benchmarks"):  # a subprocess script: `configs` and
+  if str(_folder) not in sys.path:  # benchmarks/shared_paths.py are folders, not packages
+    sys.path.insert(0, str(_folder))
+from shared_paths import shared_dir  # pylint: disable=g-import-not-at-top
 from twodquant_jax.nn import names as qnames
 from twodquant_jax import pipeline
 from twodquant_jax import settings as run_settings
 from twodquant_jax.ptq.dqc import loop as dqc_loop
 from twodquant_jax.ptq.dqc import step as dqc_step
 
-if str(REPO_ROOT) not in sys.path:  # `configs` is a top-level folder, not an installed package
-  sys.path.insert(0, str(REPO_ROOT))
 from configs.base import get_config  # pylint: disable=g-import-not-at-top
 
 ARCH = {"embed_dim": 12, "depths": (1, 1), "num_heads": (2, 2)}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from configs import base
-from twodquant_jax import pipeline
+from twodquant_jax import pipeline, settings
 from twodquant_jax.formats import bounds_file
 from twodquant_jax.formats.torch_pickle import load_pth
 from twodquant_jax.nn import names as qnames
@@ -103,5 +103,5 @@ def test_a_run_refuses_bounds_of_other_bits(reference, benchmarks, tmp_path):
   c.model.checkpoint = str(reference / "swinir_light_x4_random.pth")
   c.model.bounds = str(reference / AUTHORS_JSON)
   with pytest.raises(ValueError, match=r"holds W4 bounds, but this run is W2 \(config.bits=2\)"):
-    pipeline.run(c, tmp_path / "run")
+    pipeline.run(settings.parse(c), tmp_path / "run")
   assert not (tmp_path / "run" / "results.md").exists()
