@@ -25,12 +25,10 @@ import jax
 import jax.numpy as jnp
 
 from twodquant_jax.nn.intmath import Coded, encode, int_matmul
-from twodquant_jax.nn.quantizer import fake_quant
+from twodquant_jax.nn.quantizer import BOUNDS, CALIB, fake_quant
 
 MODES = ("fp", "capture", "quant", "int")
 VJP_PATHS = ("auto", "cpu", "plain")  # matmul gradients: by backend, XLA:CPU's forms, plain
-BOUNDS = "bounds"  # variable name inside each quantizer's 'quant' collection entry
-CALIB = "calib"    # collection that 'capture' mode sows quantizer inputs into
 
 
 def check_mode(mode: str) -> None:

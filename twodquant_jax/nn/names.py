@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from twodquant_jax.nn.layers import BOUNDS
+from twodquant_jax.nn.quantizer import BOUNDS
 
 QuantTree = Mapping  # the 'quant' variable collection
 _INDEXED = re.compile(r"^(layers|blocks)_(\d+)$")

@@ -26,6 +26,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+BOUNDS = "bounds"  # variable name inside each quantizer's 'quant' collection entry
+CALIB = "calib"  # collection that 'capture' mode sows quantizer inputs into
 MIN_BITS = 1
 MAX_BITS = 16
 

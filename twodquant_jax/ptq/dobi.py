@@ -21,7 +21,7 @@ from twodquant_jax.nn.swinir import SwinIR, variable_shapes
 from twodquant_jax.ptq import search
 from twodquant_jax.nn.names import (dict_to_tree, is_bmm_operand, is_one_sided, is_weight,
                                      leaves_by_name, quant_names, shared_input_of)
-from twodquant_jax.nn.layers import CALIB
+from twodquant_jax.nn.quantizer import CALIB
 from twodquant_jax.progress import Progress
 from twodquant_jax.settings import CALIBRATIONS, CalibSettings
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +15,9 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding
 
 from twodquant_jax import files
-from twodquant_jax.ptq.dqc.step import DQCState
+
+if TYPE_CHECKING:  # annotations only: the step module sits above this one
+  from twodquant_jax.ptq.dqc.step import DQCState  # pylint: disable=g-import-not-at-top
 
 LOG_FILE = "dqc_log.jsonl"
 CKPT_DIR = "dqc_ckpt"
