@@ -9,7 +9,7 @@ The 384 quantizers of the released 2DQuant code sit in every Swin block (SPEC.md
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import flax.linen as nn
 import flax.struct
@@ -216,6 +216,28 @@ class _Stage(nn.Module):
   mode: str = "fp"
   bits: int = 4
   remat: bool = False
+  scan_blocks: bool = False
+
+
+def _scans(module: nn.Module) -> bool:
+  """Whether `module` may run its identical children in a `jax.lax.scan` now.
+
+  Never while initialising (the unrolled path creates the variables, so their tree is the same
+  either way), in 'capture' mode (the children `sow` what they see), or when intermediates are
+  recorded: a child run inside the scan is a functional apply that records nothing.
+  """
+  return (module.scan_blocks and module.mode != "capture" and not module.is_initializing()
+          and not module.is_mutable_collection("intermediates"))
+
+
+def _child_variables(variables: Mapping, name: str) -> dict:
+  """The variables of child `name`, every collection (e.g. {'params': ..., 'quant': ...})."""
+  return {col: tree[name] for col, tree in variables.items() if name in tree}
+
+
+def _stacked(trees: Sequence) -> dict:
+  """Variable trees of identical structure, stacked leaf by leaf along a new leading axis."""
+  return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
 class BlockStack(_Stage):
@@ -223,6 +245,11 @@ class BlockStack(_Stage):
 
   With `remat`, each block is wrapped in `jax.checkpoint` so its activations may be recomputed
   in the backward pass instead of stored (whether that saves memory is up to XLA's scheduler).
+
+  With `scan_blocks` (and an even depth), the (unshifted, shifted) block pairs run in a
+  `jax.lax.scan` over their stacked variables, so XLA compiles each of the two block bodies once
+  instead of `depth / 2` times (forward and backward). The variables stay `blocks_0` ..
+  `blocks_{depth-1}`, exactly as unrolled: they are stacked at apply time.
   """
 
   def setup(self):
@@ -233,11 +260,32 @@ class BlockStack(_Stage):
                   self.bits) for i in range(self.depth)
     ]
 
+  @nn.nowrap
+  def _block_def(self, shift: int) -> SwinBlock:
+    """An unbound Swin block of this stack, applied functionally inside the scan."""
+    return SwinBlock(self.dim, self.num_heads, self.window_size, shift, self.mlp_ratio,
+                     self.mode, self.bits, parent=None)
+
   def __call__(self, x: jnp.ndarray, hw: tuple[int, int],
                region: ValidRegion | None = None) -> jnp.ndarray:
-    for blk in self.blocks:
-      x = blk(x, hw, region)
-    return x
+    if not _scans(self) or self.depth % 2:
+      for blk in self.blocks:
+        x = blk(x, hw, region)
+      return x
+    variables = self.variables
+    runs = []
+    for shift in (0, self.window_size // 2):
+      run = functools.partial(lambda blk, v, x: blk.apply(v, x, hw, region),
+                              self._block_def(shift))
+      runs.append(jax.checkpoint(run) if self.remat else run)
+    pairs = tuple(
+        _stacked([_child_variables(variables, f"blocks_{i}") for i in range(j, self.depth, 2)])
+        for j in (0, 1))
+
+    def pair(x, v):
+      return runs[1](v[1], runs[0](v[0], x)), None
+
+    return jax.lax.scan(pair, x, pairs)[0]
 
 
 def _conv(features: int) -> nn.Conv:
@@ -250,7 +298,8 @@ class RSTB(_Stage):
 
   def setup(self):
     self.residual_group = BlockStack(self.dim, self.depth, self.num_heads, self.window_size,
-                                     self.mlp_ratio, self.mode, self.bits, self.remat)
+                                     self.mlp_ratio, self.mode, self.bits, self.remat,
+                                     self.scan_blocks)
     self.conv = _conv(self.dim)
 
   def __call__(self, x: jnp.ndarray, hw: tuple[int, int], region: ValidRegion | None = None
@@ -286,6 +335,7 @@ class SwinIR(nn.Module):
   mode: str = "fp"
   bits: int = 4
   remat: bool = False  # recompute Swin block activations in the backward pass (DQC memory)
+  scan_blocks: bool = True  # compile each distinct block (and identical RSTBs) once: lax.scan
 
   def setup(self):
     check_mode(self.mode)
@@ -295,7 +345,7 @@ class SwinIR(nn.Module):
     self.patch_embed_norm = nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False)
     self.layers = [
         RSTB(self.embed_dim, d, h, self.window_size, self.mlp_ratio, self.mode, self.bits,
-             self.remat)
+             self.remat, self.scan_blocks)
         for d, h in zip(self.depths, self.num_heads)
     ]
     self.norm = nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False)
@@ -330,7 +380,8 @@ class SwinIR(nn.Module):
   def stage(self, i: int, mode: str | None = None) -> "RSTB":
     """A standalone (unbound) RSTB i, to run one stage at a time with `params[stage_name(i)]`."""
     return RSTB(self.embed_dim, self.depths[i], self.num_heads[i], self.window_size,
-                self.mlp_ratio, mode or self.mode, self.bits, parent=None)
+                self.mlp_ratio, mode or self.mode, self.bits, self.remat, self.scan_blocks,
+                parent=None)
 
   @staticmethod
   def stage_name(i: int) -> str:
@@ -346,6 +397,17 @@ class SwinIR(nn.Module):
     x = pixel_shuffle(self.upsample(_zero_outside(x, region)), self.upscale)
     x = x / self.img_range + jnp.asarray(RGB_MEAN, x.dtype)
     return x[:, :out_hw[0] * self.upscale, :out_hw[1] * self.upscale]
+
+  def _scan_layers(self, tokens: jnp.ndarray, hw: tuple[int, int], region: ValidRegion | None
+                   ) -> tuple[jnp.ndarray, list[jnp.ndarray]]:
+    """The identical RSTBs in one `jax.lax.scan` over their stacked variables (each a scan over
+    its block pairs): the network body compiles once. Same values as `layer` for i = 0, 1, ..."""
+    stage = self.stage(0)
+    n = len(self.depths)
+    variables = self.variables
+    stacked = _stacked([_child_variables(variables, self.stage_name(i)) for i in range(n)])
+    tokens, feats = jax.lax.scan(lambda t, v: stage.apply(v, t, hw, region), tokens, stacked)
+    return tokens, [feats[i] for i in range(n)]
 
   def __call__(self, x: jnp.ndarray, return_features: bool = False,
                valid_hw: jnp.ndarray | None = None):
@@ -363,10 +425,13 @@ class SwinIR(nn.Module):
       region = valid_region(valid_hw, out_hw, self.window_size, self.window_size // 2)
     shallow, tokens = self.embed(x, region)
     hw = shallow.shape[1:3]
-    feats = []
-    for i in range(len(self.layers)):
-      tokens, feat = self.layer(i, tokens, hw, region)
-      feats.append(feat)
+    if _scans(self) and len(set(self.depths)) == 1 and len(set(self.num_heads)) == 1:
+      tokens, feats = self._scan_layers(tokens, hw, region)
+    else:
+      feats = []
+      for i in range(len(self.layers)):
+        tokens, feat = self.layer(i, tokens, hw, region)
+        feats.append(feat)
     out = self.tail(tokens, shallow, out_hw, region)
     return (out, feats) if return_features else out
 
