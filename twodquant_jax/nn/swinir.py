@@ -335,7 +335,8 @@ class SwinIR(nn.Module):
   mode: str = "fp"
   bits: int = 4
   remat: bool = False  # recompute Swin block activations in the backward pass (DQC memory)
-  scan_blocks: bool = True  # compile each distinct block (and identical RSTBs) once: lax.scan
+  scan_blocks: bool = True  # run each RSTB's identical block pairs in a lax.scan (compile once)
+  scan_layers: bool = True  # with scan_blocks, identical RSTBs in a lax.scan too
 
   def setup(self):
     check_mode(self.mode)
@@ -425,7 +426,7 @@ class SwinIR(nn.Module):
       region = valid_region(valid_hw, out_hw, self.window_size, self.window_size // 2)
     shallow, tokens = self.embed(x, region)
     hw = shallow.shape[1:3]
-    if _scans(self) and len(set(self.depths)) == 1 and len(set(self.num_heads)) == 1:
+    if _scans(self) and self.scan_layers and len(set(self.depths)) == 1 and len(set(self.num_heads)) == 1:
       tokens, feats = self._scan_layers(tokens, hw, region)
     else:
       feats = []
