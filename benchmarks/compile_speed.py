@@ -1,15 +1,17 @@
 """Compile time of the scanned SwinIR against the unrolled one, in one process, cold.
 
   PYTHONPATH=$PWD:$PWD/benchmarks python benchmarks/compile_speed.py \
-      [--batch 4 --lr_size 64 --steps 5 --parts dqc,eval_fp,eval_quant] [--out=compile_speed.json]
+      [--batch 4 --lr_size 64 --steps 4 --parts dqc,eval_fp,eval_quant] [--out=compile_speed.json]
 
-For each variant (`SwinIR(scan_blocks=False)` = unrolled, `True` = scanned) it compiles the DQC
-train step exactly as `dqc_speed.py` builds it (stand-in weights ../shared/reference/
-standin_x4.pth, min/max bounds, 2 bits, batch 4 of 64x64 LR) and the evaluation functions
+Three variants of `SwinIR`: 'unrolled' (scan_blocks=False), 'pairs' (each RSTB's block pairs in
+a lax.scan) and 'layers' (pairs and the 4 RSTBs scanned, the default). For each it compiles the
+DQC train step as `dqc_speed.py` builds it (stand-in weights ../shared/reference/standin_x4.pth,
+min/max bounds, 2 bits, batch 4 of 64x64 LR) and the evaluation function
 `eval.predict.jitted_apply` for FP and fake-quant (1x64x64 LR). No persistent compilation cache
-is used (every compile is cold: `compile_cache=""`). The two DQC steps are then timed
-alternately on the same state and batch, so their ratio holds on a loaded machine, and the load
-average is recorded around each part. Outputs of the two variants are compared too.
+is used (every compile is cold). Trace+lower and compile are timed apart, in wall and in this
+process's CPU seconds (steadier on a shared machine); the DQC steps are then timed alternately
+on the same state and batch, so their ratios hold on a loaded machine; the load average is
+recorded around each compile. Bounds after one step and evaluation outputs are compared too.
 """
 
 from __future__ import annotations
