@@ -328,8 +328,8 @@ class SwinIR(nn.Module):
   `scan_blocks` (default) runs the identical (unshifted, shifted) block pairs of each RSTB, and
   with `scan_layers` the identical RSTBs, in `jax.lax.scan`s: XLA compiles the block bodies
   once instead of 24 times. Same values (bit-identical under jit on XLA:CPU), same variables and
-  names; 'capture' mode and `init` always run unrolled. The DQC step keeps it off
-  (`dqc.step.model_for`): scanned, its steps ran slower on XLA:CPU.
+  names; 'capture' mode and `init` always run unrolled. The DQC step turns it off unless
+  `dqc.remat` (`dqc.step.model_for`): without remat its scanned steps ran slower on XLA:CPU.
   """
   upscale: int = 4
   embed_dim: int = 60
