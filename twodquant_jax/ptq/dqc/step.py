@@ -27,9 +27,14 @@ Array = jnp.ndarray
 
 
 def model_for(settings: DQCSettings, mode: str = "fp") -> SwinIR:
-  """The teacher ('fp') or the student ('quant', rematerialised blocks if `settings.remat`)."""
+  """The teacher ('fp') or the student ('quant', rematerialised blocks if `settings.remat`).
+
+  Swin blocks scanned (`SwinIR.scan_blocks`) only with remat: on XLA:CPU the scanned step
+  compiles 1.5x faster, but without remat runs 1.3-1.4x slower (its stacked residuals), with
+  remat as fast (docs/measured/compile-scan.md). `arch` may still set `scan_blocks`."""
+  arch = {"scan_blocks": settings.remat, **dict(settings.arch)}
   return SwinIR(upscale=settings.scale, mode=mode, bits=settings.bits,
-                remat=settings.remat and mode == "quant", **dict(settings.arch))
+                remat=settings.remat and mode == "quant", **arch)
 
 
 @flax.struct.dataclass
