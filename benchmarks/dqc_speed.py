@@ -60,7 +60,7 @@ def _minmax_bounds(settings: dqc_step.DQCSettings, params: dict, x: np.ndarray) 
                                for k, v in seen.items()})
 
 
-def _memory(compiled, before: dict, after: dict, mesh) -> dict:
+def _memory(compiled, before: dict, compiled_rss: dict, after: dict, mesh) -> dict:
   """Resident sizes around the step (GB) and what ptq/dqc/memory.py would plan for it."""
   gb = lambda b: round(b / 1e9, 3)
   m = compiled.memory_analysis()
@@ -68,6 +68,7 @@ def _memory(compiled, before: dict, after: dict, mesh) -> dict:
   local = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
   budget = dqc_memory.host_budget(local, resident=before["rss"])
   return {"rss_before_gb": gb(before["rss"]), "peak_before_gb": gb(before["peak"]),
+          "rss_compiled_gb": gb(compiled_rss["rss"]), "peak_compiled_gb": gb(compiled_rss["peak"]),
           "rss_after_gb": gb(after["rss"]), "peak_gb": gb(after["peak"]),
           "xla_temp_gb": gb(m.temp_size_in_bytes), "xla_args_gb": gb(m.argument_size_in_bytes),
           "xla_out_gb": gb(m.output_size_in_bytes), "xla_need_per_device_gb": gb(need),
@@ -128,11 +129,12 @@ def main() -> None:
     t0 = time.perf_counter()
     compiled = mod.jit_train_step(s_, mesh).lower(state, batch, dparams).compile()
     compile_s = time.perf_counter() - t0
+    compiled_rss = host_runtime.resident_bytes() or {"rss": 0, "peak": 0}
     t0 = time.perf_counter()
     state, m = compiled(state, batch, dparams)  # warm-up
     jax.block_until_ready(m)
     runs[key] = {"compiled": compiled, "state": state, "batch": batch, "params": dparams,
-                 "compile_s": compile_s, "first_step_s": time.perf_counter() - t0,
+                 "compile_s": compile_s, "compiled_rss": compiled_rss, "first_step_s": time.perf_counter() - t0,
                  "first_loss": np.asarray(m["loss"]), "times": [],
                  "first_quant": jax.tree_util.tree_map(np.asarray, state.quant), "m": m}
   for _ in range(args.steps):
@@ -157,7 +159,7 @@ def main() -> None:
       "median_s_per_step": round(statistics.median(new["times"]), 4),
       "step_times_s": [round(t, 3) for t in new["times"]],
       "loss_finite": bool(m["finite"]),
-      "memory": _memory(new["compiled"], before, after, mesh),
+      "memory": _memory(new["compiled"], before, new["compiled_rss"], after, mesh),
   }
   if "old" in runs:
     old = runs["old"]

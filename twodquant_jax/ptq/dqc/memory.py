@@ -51,11 +51,14 @@ HEADROOM = 0.85
 # The process's memory limit in GB, to plan for less than the machine has (a shared host, a
 # container's cgroup limit) and to test the planner.
 LIMIT_ENV = "TWODQUANT_MEMORY_LIMIT_GB"
-# A CPU step's resident growth over the baseline before DQC, measured (docs/measured/memory.md):
-# at most STEP_FACTOR x (XLA's bytes per device x local devices) + STEP_MARGIN (the executable,
-# the compile's transient heap, XLA:CPU's worker-thread blocks, the patch prefetcher).
-STEP_FACTOR = 1.0
-STEP_MARGIN = 0.5e9
+# A CPU DQC run's resident growth over the baseline before it, measured (docs/measured/memory.md):
+# STEP_FACTOR x XLA's bytes per device x local devices (the step's buffers with the allocator's
+# slack; the compile's heap is reused by them) + STEP_MARGIN (the loop: patch prefetcher,
+# checkpointer, thread stacks). glibc under 'keep' holds ~2x the step's buffers (1.98 measured:
+# a freed buffer that a small block was then cut from no longer fits the next step's, so two
+# steps' buffers alternate); tcmalloc and glibc's own mmap hold ~1.2x (1.17-1.18 measured).
+STEP_FACTOR = {"glibc": 2.0, "tcmalloc": 1.2}
+STEP_MARGIN = 0.3e9
 DECISIONS_FILE = "microbatch.json"
 
 
@@ -122,7 +125,8 @@ def host_budget(local_devices: int, environ: Mapping[str, str] | None = None,
     if avail is None:
       avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     limit, source = int(resident + HEADROOM * avail), "resident + available RAM"
-  return Budget(limit=limit, baseline=resident, devices=max(1, local_devices), factor=STEP_FACTOR,
+  factor = STEP_FACTOR["tcmalloc" if host_runtime.loaded_tcmalloc() else "glibc"]
+  return Budget(limit=limit, baseline=resident, devices=max(1, local_devices), factor=factor,
                 margin=int(STEP_MARGIN), source=source)
 
 
@@ -184,8 +188,8 @@ def _load_decision(key: str) -> dict[int, int]:
   if path is None or not path.is_file():
     return {}
   try:
-    table = json.loads(path.read_text()).get(key) or {}
-    return {int(k): int(v) for k, v in table.items()}
+    entry = json.loads(path.read_text()).get(key) or {}
+    return {int(k): int(v) for k, v in entry.items()}
   except (OSError, ValueError, TypeError, AttributeError):
     return {}
 
@@ -224,10 +228,11 @@ def _abstract_args(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh, 
 
 def _too_big(budget: Budget, mb: int, need: int) -> MemoryLimitError:
   gb = lambda b: f"{b / 1e9:.1f} GB"
+  planned = budget.planned(need)
   resident = (f"{gb(budget.baseline)} resident now + " if budget.baseline else "")
   return MemoryLimitError(
-      f"DQC needs about {gb(budget.planned(need))} even at microbatch {mb} ({resident}"
-      f"{gb(budget.planned(need) - budget.baseline)} for the step) but the limit is "
+      f"DQC needs about {gb(planned)} even at microbatch {mb} ({resident}"
+      f"{gb(planned - budget.baseline)} for the step) but the limit is "
       f"{gb(budget.limit)} ({budget.source}): lower --config.dqc.batch_size or "
       f"--config.calib.lr_size, or free memory (or raise {LIMIT_ENV})")
 
@@ -244,7 +249,7 @@ def plan(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh, params: Ma
   budget = budget or mesh_budget(mesh)
   key = _decision_key(settings, batch, lr_size, mesh)
   memo = _memo(key)
-  needs: dict[int, int] = dict(memo.get("needs") or _load_decision(key))
+  needs = dict(memo.get("needs") or _load_decision(key))
   cached = bool(needs)
   cands = candidates(batch, int(mesh.devices.size))
   args = None
@@ -255,10 +260,9 @@ def plan(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh, params: Ma
     if mb not in needs:
       if args is None:
         args = _abstract_args(settings, batch, lr_size, mesh, params, quant)
-      compiled = jit_train_step(_with_microbatch(settings, mb, batch), mesh).lower(*args).compile()
-      needs[mb] = compiled_bytes(compiled)
+      lowered = jit_train_step(_with_microbatch(settings, mb, batch), mesh).lower(*args)
+      needs[mb] = compiled_bytes(lowered.compile())
       compiles += 1
-      del compiled
       logging.info("DQC microbatch auto: %d needs %.2f GB per device, %.2f GB planned "
                    "(limit %.2f GB)", mb, needs[mb] / 1e9, budget.planned(needs[mb]) / 1e9,
                    budget.limit / 1e9)
