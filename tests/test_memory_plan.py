@@ -7,6 +7,7 @@ per-process); its peak comes from ru_maxrss and is compared with the plan the lo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 
 from shared_paths import REPO_ROOT
 from twodquant_jax.ptq.dqc import memory as dqc_memory
+from twodquant_jax.ptq.dqc import step as dqc_step
 
 TINY_RUN = r"""
 import json, resource, sys, tempfile
@@ -125,3 +127,24 @@ def test_release_heap_returns_what_keep_holds():
   got = json.loads(out.stdout.strip().splitlines()[-1])
   assert got["released"], got
   assert got["kept"] - got["after"] > 200 * 2**20, got
+
+
+def test_the_pipeline_stops_before_dobi_when_the_baseline_is_over_the_limit(monkeypatch):
+  """check_dqc_memory (called before DOBI) plans from the config and the bounds' shapes alone;
+  a limit under the resident size stops it at once, naming the setting."""
+  from configs.base import get_config  # pylint: disable=g-import-not-at-top
+  from twodquant_jax import pipeline, settings as run_settings  # pylint: disable=g-import-not-at-top
+  from twodquant_jax.nn.swinir import variable_shapes  # pylint: disable=g-import-not-at-top
+  c = get_config(scale=4, bits=2)
+  c.method = "2dquant"
+  c.dqc.batch_size = 4
+  s = run_settings.parse(c)
+  params = variable_shapes(4)["params"]
+  monkeypatch.setenv(dqc_memory.LIMIT_ENV, "0.01")
+  with pytest.raises(dqc_memory.MemoryLimitError, match="--config.dqc.batch_size"):
+    pipeline.check_dqc_memory(s, params, {})
+  monkeypatch.setenv(dqc_memory.LIMIT_ENV, "1000")  # shapes in, an XLA need out (no arrays)
+  settings = dataclasses.replace(s.dqc, microbatch=run_settings.AUTO_MICROBATCH)
+  args = dqc_memory._abstract_args(settings, 4, 8, dqc_step.data_mesh(), params,  # pylint: disable=protected-access
+                                   variable_shapes(4, "quant", 2)["quant"])
+  assert args[1].shape == (4, 8, 8, 3)

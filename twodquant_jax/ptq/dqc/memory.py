@@ -220,7 +220,7 @@ def _abstract_args(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh, 
   repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
   abstract = lambda tree, sh: jax.tree_util.tree_map(
       lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a), sharding=sh), tree)
-  state = jax.eval_shape(lambda: init_state(settings, quant))
+  state = jax.eval_shape(lambda q: init_state(settings, q), quant)  # arrays or shapes
   return (abstract(state, repl),
           jax.ShapeDtypeStruct((batch, lr_size, lr_size, 3), jnp.uint8, sharding=data),
           abstract(params, repl))
@@ -268,6 +268,8 @@ def plan(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh, params: Ma
                    budget.limit / 1e9)
     return needs[mb]
 
+  if not budget.fits(0):  # the baseline alone is over the limit: no compile can help
+    raise _too_big(budget, cands[-1], 0)
   i = 0
   while True:
     mb = cands[i]
