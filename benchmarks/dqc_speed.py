@@ -60,7 +60,7 @@ def _minmax_bounds(settings: dqc_step.DQCSettings, params: dict, x: np.ndarray) 
                                for k, v in seen.items()})
 
 
-def _memory(compiled, before: dict, compiled_rss: dict, after: dict, mesh) -> dict:
+def _memory(compiled, before: dict, compiled_rss: dict, after: dict, mesh, rounds: int) -> dict:
   """Resident sizes around the step (GB) and what ptq/dqc/memory.py would plan for it."""
   gb = lambda b: round(b / 1e9, 3)
   m = compiled.memory_analysis()
@@ -72,7 +72,7 @@ def _memory(compiled, before: dict, compiled_rss: dict, after: dict, mesh) -> di
           "rss_after_gb": gb(after["rss"]), "peak_gb": gb(after["peak"]),
           "xla_temp_gb": gb(m.temp_size_in_bytes), "xla_args_gb": gb(m.argument_size_in_bytes),
           "xla_out_gb": gb(m.output_size_in_bytes), "xla_need_per_device_gb": gb(need),
-          "devices": local, "planned_gb": gb(budget.planned(need)),
+          "devices": local, "planned_gb": gb(budget.planned(need, rounds)),
           "growth_over_xla_need": round((after["peak"] - before["rss"]) / (need * local), 3)}
 
 
@@ -159,7 +159,9 @@ def main() -> None:
       "median_s_per_step": round(statistics.median(new["times"]), 4),
       "step_times_s": [round(t, 3) for t in new["times"]],
       "loss_finite": bool(m["finite"]),
-      "memory": _memory(new["compiled"], before, new["compiled_rss"], after, mesh),
+      "memory": _memory(new["compiled"], before, new["compiled_rss"], after, mesh,
+                        rounds=args.batch // dqc_step.microbatch_size(args.batch, args.microbatch)
+                        if args.microbatch else 1),
   }
   if "old" in runs:
     old = runs["old"]

@@ -78,6 +78,9 @@ def test_budget_plans_baseline_plus_every_device():
   b = dqc_memory.Budget(limit=10_000, baseline=1_000, devices=2, factor=1.5, margin=100)
   assert b.planned(1_000) == 1_000 + 3_000 + 100 and b.fits(1_000)
   assert not b.fits(3_000)  # 1000 + 9000 + 100 > 10000
+  rounds = dataclasses.replace(b, per_round=0.25)  # each further microbatch holds more
+  assert rounds.planned(1_000, rounds=1) == b.planned(1_000)
+  assert rounds.planned(1_000, rounds=5) == 1_000 + int((1.5 + 4 * 0.25) * 2 * 1_000) + 100
 
 
 def test_memory_limit_environment_variable():

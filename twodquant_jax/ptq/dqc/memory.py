@@ -57,7 +57,10 @@ LIMIT_ENV = "TWODQUANT_MEMORY_LIMIT_GB"
 # checkpointer, thread stacks). glibc under 'keep' holds ~2x the step's buffers (1.98 measured:
 # a freed buffer that a small block was then cut from no longer fits the next step's, so two
 # steps' buffers alternate); tcmalloc and glibc's own mmap hold ~1.2x (1.17-1.18 measured).
+# Each further microbatch of a step adds ROUND_FACTOR (glibc 'keep', batch 32 in microbatches of
+# 4: 2.67x measured; tcmalloc not measured, given the same).
 STEP_FACTOR = {"glibc": 2.0, "tcmalloc": 1.2}
+ROUND_FACTOR = 0.12
 STEP_MARGIN = 0.3e9
 DECISIONS_FILE = "microbatch.json"
 
@@ -95,20 +98,23 @@ def env_limit_bytes(environ: Mapping[str, str] | None = None) -> int | None:
 class Budget:
   """What a step's XLA need (bytes per device) is planned against.
 
-  planned(need) = baseline + factor * devices * need + margin, which must be <= limit.
+  planned(need, rounds) = baseline + (factor + per_round * (rounds - 1)) * devices * need
+  + margin, which must be <= limit (`rounds`: the microbatches of one step).
   """
   limit: int  # bytes the process (CPU) or one device (accelerator) may use
   baseline: int = 0  # resident bytes before the step (CPU)
   devices: int = 1  # local devices sharing the limit (CPU devices share the host's RAM)
   factor: float = 1.0
   margin: int = 0
+  per_round: float = 0.0
   source: str = ""  # where the limit comes from, for the messages
 
-  def planned(self, need: int) -> int:
-    return int(self.baseline + self.factor * self.devices * need + self.margin)
+  def planned(self, need: int, rounds: int = 1) -> int:
+    factor = self.factor + self.per_round * (rounds - 1)
+    return int(self.baseline + factor * self.devices * need + self.margin)
 
-  def fits(self, need: int) -> bool:
-    return self.planned(need) <= self.limit
+  def fits(self, need: int, rounds: int = 1) -> bool:
+    return self.planned(need, rounds) <= self.limit
 
 
 def host_budget(local_devices: int, environ: Mapping[str, str] | None = None,
@@ -127,7 +133,7 @@ def host_budget(local_devices: int, environ: Mapping[str, str] | None = None,
     limit, source = int(resident + HEADROOM * avail), "resident + available RAM"
   factor = STEP_FACTOR["tcmalloc" if host_runtime.loaded_tcmalloc() else "glibc"]
   return Budget(limit=limit, baseline=resident, devices=max(1, local_devices), factor=factor,
-                margin=int(STEP_MARGIN), source=source)
+                margin=int(STEP_MARGIN), per_round=ROUND_FACTOR, source=source)
 
 
 def device_memory_bytes(device: jax.Device) -> int:
@@ -226,9 +232,9 @@ def _abstract_args(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh, 
           abstract(params, repl))
 
 
-def _too_big(budget: Budget, mb: int, need: int) -> MemoryLimitError:
+def _too_big(budget: Budget, mb: int, need: int, rounds: int = 1) -> MemoryLimitError:
   gb = lambda b: f"{b / 1e9:.1f} GB"
-  planned = budget.planned(need)
+  planned = budget.planned(need, rounds)
   resident = (f"{gb(budget.baseline)} resident now + " if budget.baseline else "")
   return MemoryLimitError(
       f"DQC needs about {gb(planned)} even at microbatch {mb} ({resident}"
@@ -264,8 +270,8 @@ def plan(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh, params: Ma
       needs[mb] = compiled_bytes(lowered.compile())
       compiles += 1
       logging.info("DQC microbatch auto: %d needs %.2f GB per device, %.2f GB planned "
-                   "(limit %.2f GB)", mb, needs[mb] / 1e9, budget.planned(needs[mb]) / 1e9,
-                   budget.limit / 1e9)
+                   "(limit %.2f GB)", mb, needs[mb] / 1e9,
+                   budget.planned(needs[mb], batch // mb) / 1e9, budget.limit / 1e9)
     return needs[mb]
 
   if not budget.fits(0):  # the baseline alone is over the limit: no compile can help
@@ -274,20 +280,21 @@ def plan(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh, params: Ma
   while True:
     mb = cands[i]
     need = need_of(mb)
-    if budget.fits(need):
+    if budget.fits(need, batch // mb):
       break
     if i == len(cands) - 1:
-      raise _too_big(budget, mb, need)
+      raise _too_big(budget, mb, need, batch // mb)
     # Next: the largest smaller candidate whose linearly extrapolated size fits.
     per_sample = need / mb
     nxt = next((j for j in range(i + 1, len(cands))
-                if budget.fits(int(needs.get(cands[j], per_sample * cands[j])))),
+                if budget.fits(int(needs.get(cands[j], per_sample * cands[j])),
+                               batch // cands[j])),
                len(cands) - 1)
     i = max(nxt, i + 1)
   memo["needs"] = needs
   if compiles:
     _save_decision(key, {str(k): v for k, v in needs.items()})
-  info = {"microbatch": mb, "bytes": need, "planned_bytes": budget.planned(need),
+  info = {"microbatch": mb, "bytes": need, "planned_bytes": budget.planned(need, batch // mb),
           "limit_bytes": budget.limit, "baseline_bytes": budget.baseline,
           "limit_source": budget.source, "compiles": compiles, "cached": cached and not compiles,
           "tried": {str(k): v for k, v in sorted(needs.items())}}
