@@ -61,7 +61,7 @@ LIMIT_ENV = "TWODQUANT_MEMORY_LIMIT_GB"
 # 4: 2.67x measured; tcmalloc not measured, given the same).
 STEP_FACTOR = {"glibc": 2.0, "tcmalloc": 1.2}
 ROUND_FACTOR = 0.12
-STEP_MARGIN = 0.3e9
+STEP_MARGIN = 0.4e9
 DECISIONS_FILE = "microbatch.json"
 
 
