@@ -79,7 +79,8 @@ def fail_line(error: BaseException) -> str:
     hint = "check the permissions of that path, or use another --workdir"
   elif isinstance(error, OSError):
     hint = "check the disk and the path"
-  elif isinstance(error, ValueError) and "remove or replace" not in msg:
+  elif (isinstance(error, ValueError) and "remove or replace" not in msg
+        and not getattr(error, "names_remedy", False)):  # the message says what to do
     hint = "fix, replace or remove that input"
   msg = msg.rstrip(".") if hint else msg
   tail = f"; {hint}" if hint else ""

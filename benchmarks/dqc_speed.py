@@ -32,6 +32,7 @@ from twodquant_jax.formats import convert
 from shared_paths import shared_dir
 from twodquant_jax.nn import names as qnames
 from twodquant_jax.ptq.dqc import loss as dqc_loss
+from twodquant_jax.ptq.dqc import memory as dqc_memory
 from twodquant_jax.ptq.dqc import step as dqc_step
 
 
@@ -57,6 +58,22 @@ def _minmax_bounds(settings: dqc_step.DQCSettings, params: dict, x: np.ndarray) 
   seen = qnames.leaves_by_name(capture(params, x), "input")
   return qnames.dict_to_tree({k: [float(jnp.min(v)), float(jnp.max(v))]
                                for k, v in seen.items()})
+
+
+def _memory(compiled, before: dict, compiled_rss: dict, after: dict, mesh, rounds: int) -> dict:
+  """Resident sizes around the step (GB) and what ptq/dqc/memory.py would plan for it."""
+  gb = lambda b: round(b / 1e9, 3)
+  m = compiled.memory_analysis()
+  need = dqc_memory.compiled_bytes(compiled)
+  local = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
+  budget = dqc_memory.host_budget(local, resident=before["rss"])
+  return {"rss_before_gb": gb(before["rss"]), "peak_before_gb": gb(before["peak"]),
+          "rss_compiled_gb": gb(compiled_rss["rss"]), "peak_compiled_gb": gb(compiled_rss["peak"]),
+          "rss_after_gb": gb(after["rss"]), "peak_gb": gb(after["peak"]),
+          "xla_temp_gb": gb(m.temp_size_in_bytes), "xla_args_gb": gb(m.argument_size_in_bytes),
+          "xla_out_gb": gb(m.output_size_in_bytes), "xla_need_per_device_gb": gb(need),
+          "devices": local, "planned_gb": gb(budget.planned(need, rounds)),
+          "growth_over_xla_need": round((after["peak"] - before["rss"]) / (need * local), 3)}
 
 
 def main() -> None:
@@ -99,6 +116,7 @@ def main() -> None:
     import ab_package  # pylint: disable=g-import-not-at-top
     variants["old"] = ab_package.module(ab_package.load(args.compare), "ptq.dqc.step")
   runs = {}
+  before = host_runtime.resident_bytes() or {"rss": 0, "peak": 0}
   for key, mod in variants.items():
     s_ = mod.DQCSettings(**kw)
     mesh = mod.data_mesh()
@@ -111,11 +129,12 @@ def main() -> None:
     t0 = time.perf_counter()
     compiled = mod.jit_train_step(s_, mesh).lower(state, batch, dparams).compile()
     compile_s = time.perf_counter() - t0
+    compiled_rss = host_runtime.resident_bytes() or {"rss": 0, "peak": 0}
     t0 = time.perf_counter()
     state, m = compiled(state, batch, dparams)  # warm-up
     jax.block_until_ready(m)
     runs[key] = {"compiled": compiled, "state": state, "batch": batch, "params": dparams,
-                 "compile_s": compile_s, "first_step_s": time.perf_counter() - t0,
+                 "compile_s": compile_s, "compiled_rss": compiled_rss, "first_step_s": time.perf_counter() - t0,
                  "first_loss": np.asarray(m["loss"]), "times": [],
                  "first_quant": jax.tree_util.tree_map(np.asarray, state.quant), "m": m}
   for _ in range(args.steps):
@@ -124,6 +143,7 @@ def main() -> None:
       r["state"], r["m"] = r["compiled"](r["state"], r["batch"], r["params"])
       jax.block_until_ready((r["state"], r["m"]))
       r["times"].append(time.perf_counter() - t0)
+  after = host_runtime.resident_bytes() or {"rss": 0, "peak": 0}
   new = runs["new"]
   run_s = sum(new["times"])
   compile_s, warmup_s, m = new["compile_s"], new["first_step_s"], new["m"]
@@ -139,6 +159,9 @@ def main() -> None:
       "median_s_per_step": round(statistics.median(new["times"]), 4),
       "step_times_s": [round(t, 3) for t in new["times"]],
       "loss_finite": bool(m["finite"]),
+      "memory": _memory(new["compiled"], before, new["compiled_rss"], after, mesh,
+                        rounds=args.batch // dqc_step.microbatch_size(args.batch, args.microbatch)
+                        if args.microbatch else 1),
   }
   if "old" in runs:
     old = runs["old"]

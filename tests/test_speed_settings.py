@@ -117,15 +117,16 @@ def test_compile_cache_config_default_and_off(tmp_path):
 
 
 def test_cpu_devices_of_one_host_share_its_memory(monkeypatch):
-  """With config cpu_devices > 1 every CPU device of this process gets its share of the RAM
-  (they are one host); the auto microbatch compares each device's compiled step with that."""
+  """With config cpu_devices > 1 the CPU devices of this process are one host: the plan counts
+  each device's compiled step against the one process limit."""
   from types import SimpleNamespace
-  monkeypatch.setattr(dqc_memory, "device_memory_bytes", lambda dev: 12_000)
+  monkeypatch.setenv(dqc_memory.LIMIT_ENV, "12")
   dev = jax.devices("cpu")[0]
   one = SimpleNamespace(devices=np.array([dev], dtype=object))
   two = SimpleNamespace(devices=np.array([dev, dev], dtype=object))
-  assert dqc_memory.mesh_device_bytes(one) == 12_000
-  assert dqc_memory.mesh_device_bytes(two) == 6_000
+  b1, b2 = dqc_memory.mesh_budget(one), dqc_memory.mesh_budget(two)
+  assert (b1.devices, b2.devices) == (1, 2) and b1.limit == b2.limit == 12_000_000_000
+  assert b2.planned(10**9) - b1.planned(10**9) == pytest.approx(b1.factor * 10**9, abs=1e7)
 
 
 def test_cpu_devices_setting_resolves():

@@ -79,12 +79,9 @@ _M_ARENA_MAX = -8
 
 def keep_freed_memory() -> bool:
   """Applies the 'keep' policy; returns whether it took effect (False off glibc, e.g. macOS)."""
-  if not sys.platform.startswith("linux"):
-    return False
-  try:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    mallopt = libc.mallopt
-  except (OSError, AttributeError):  # not glibc (musl has no mallopt): nothing to tune
+  libc = _libc()
+  mallopt = getattr(libc, "mallopt", None)
+  if mallopt is None:  # not glibc (musl has no mallopt): nothing to tune
     return False
   mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
   ok = all(mallopt(param, value) == 1 for param, value in
@@ -149,6 +146,62 @@ def apply_malloc(policy: str) -> str:
   if plan == "keep" and not keep_freed_memory():
     return "system"
   return plan
+
+
+def _libc():
+  """glibc's handle, or None off glibc (macOS, musl: no mallopt / malloc_trim)."""
+  if not sys.platform.startswith("linux"):
+    return None
+  try:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.malloc_trim  # pylint: disable=pointless-statement
+  except (OSError, AttributeError):
+    return None
+  return libc
+
+
+def release_heap() -> bool:
+  """Returns the heap's free pages to the system (glibc `malloc_trim(0)`); False where there is
+  no glibc or tcmalloc serves malloc.
+
+  The 'keep' policy never trims on its own (that is what keeps a DQC step's buffer mapped from one
+  step to the next), so without this the resident size after evaluation stays at its peak:
+  `malloc_trim(0)` releases every whole free page, also inside the heap (MADV_DONTNEED), while
+  the heap's layout stays: the next DQC step's buffer reuses those addresses (page faults on the
+  first step only). Call it at the pipeline's release points (before and after DQC).
+  """
+  libc = None if loaded_tcmalloc() else _libc()
+  if libc is None:
+    return False
+  libc.malloc_trim.argtypes, libc.malloc_trim.restype = (ctypes.c_size_t,), ctypes.c_int
+  libc.malloc_trim(0)
+  return True
+
+
+# --- the resident size -----------------------------------------------------------------------
+
+def resident_bytes(status: str | None = None) -> dict[str, int] | None:
+  """{'rss': resident bytes now, 'peak': the process's high-water mark} from /proc/self/status
+  (VmRSS, VmHWM), or None off Linux."""
+  if status is None:
+    try:
+      status = Path("/proc/self/status").read_text()
+    except OSError:
+      return None
+  found = dict(re.findall(r"^(VmRSS|VmHWM):\s+(\d+) kB", status, flags=re.M))
+  if "VmRSS" not in found:
+    return None
+  rss = int(found["VmRSS"]) * 1024
+  return {"rss": rss, "peak": int(found.get("VmHWM", 0)) * 1024 or rss}
+
+
+def log_resident(stage: str) -> dict[str, int] | None:
+  """Logs `memory <stage>: resident X GB (peak Y GB)` (a progress line too); returns the sizes."""
+  now = resident_bytes()
+  if now is not None:
+    logging.info("memory %s: resident %.2f GB (peak %.2f GB)", stage, now["rss"] / 1e9,
+                 now["peak"] / 1e9)
+  return now
 
 
 # --- the CPU device count --------------------------------------------------------------------

@@ -38,6 +38,7 @@ from twodquant_jax.ptq import dobi_reuse, stats
 from twodquant_jax.ptq.dobi import calibrate_many
 from twodquant_jax.ptq.dqc import checkpoint as dqc_checkpoint
 from twodquant_jax.ptq.dqc import loop as dqc_loop
+from twodquant_jax.ptq.dqc import memory as dqc_memory
 from twodquant_jax.ptq.dqc import step as dqc_step
 from twodquant_jax.report import figures
 from twodquant_jax.report import inputs as figure_inputs
@@ -299,7 +300,10 @@ def _run(settings: RunSettings, workdir: Path, inputs: Inputs | None) -> dict:
       record.method(method)
     calib_lr = functools.cache(
         lambda: inputs.calib_lr if inputs.calib_lr is not None else calibration_batch(s))
+    host_runtime.log_resident("inputs read")  # memory: stage boundary
+    check_dqc_memory(s, params, inputs.ckpt_bounds)  # memory: stop now, not in DQC
     bounds = _initial_bounds(s, params, inputs.ckpt_bounds, record, calib_lr, workdir)
+    host_runtime.log_resident("bounds initialised")  # memory: stage boundary
     dqc_records: list[dict] = []
     kept: dict | None = {} if s.figures else None
     for method in s.methods:
@@ -310,7 +314,10 @@ def _run(settings: RunSettings, workdir: Path, inputs: Inputs | None) -> dict:
         predict = evaluate.bicubic_predict(s.scale)
       else:
         if spec.dqc and method not in bounds:
+          predictor = predict = None  # memory: release point, before DQC
+          release_memory("before DQC")
           bounds[method], entry.dqc = refine(s, method, params, bounds, entry, workdir)
+          release_memory("after DQC")  # memory: release point, after DQC
           dqc_records = entry.dqc.pop("records", [])
         quant = bounds.get(method)
         if quant is not None:
@@ -330,12 +337,35 @@ def _run(settings: RunSettings, workdir: Path, inputs: Inputs | None) -> dict:
       entry.seconds = time.perf_counter() - t0
       record.seconds_total = time.perf_counter() - t_start
       write_results(workdir, record)
+      host_runtime.log_resident(f"{method} evaluated")  # memory: stage boundary
     if s.figures and distributed.is_primary():
       make_figures(s, workdir, record, params, bounds, datasets, calib_lr, kept, dqc_records)
   record.seconds_total = time.perf_counter() - t_start
   record.complete = True
   write_results(workdir, record)
   return record.to_json()
+
+
+def release_memory(stage: str) -> None:
+  """Memory release point: drops every compiled evaluation executable (finished methods and
+  image sizes; a later evaluation recompiles, from the persistent cache when it is on) and
+  returns the heap's free pages to the system, then logs the resident size."""
+  dropped = evaluate.release_executables()
+  host_runtime.release_heap()
+  host_runtime.log_resident(f"{stage} ({dropped} evaluation executables released)")
+
+
+def check_dqc_memory(settings: RunSettings, params: dict, ckpt_bounds: dict) -> None:
+  """Before DOBI: when the run trains DQC with dqc.microbatch=auto, plans its microbatch now, so
+  a step that cannot fit the memory stops the run with one line before any work
+  (ptq/dqc/memory.py; planned again, with the resident size then, when DQC starts)."""
+  s = settings
+  trains = any(method_registry.REGISTRY[m].dqc for m in s.methods)
+  if (not trains or s.dqc is None or s.loop is None or s.bounds_given or ckpt_bounds
+      or s.dqc.microbatch != dqc_step.AUTO_MICROBATCH):
+    return
+  quant = variable_shapes(s.scale, "quant", s.bits)["quant"]
+  dqc_memory.plan(s.dqc, s.loop.batch_size, s.loop.lr_size, dqc_step.data_mesh(), params, quant)
 
 
 def refine(settings: RunSettings, method: str, params: dict, bounds: dict[str, dict],

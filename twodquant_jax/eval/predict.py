@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
+import weakref
 from typing import Callable, Iterable, Mapping, Sequence
 
 from absl import logging
@@ -122,6 +123,11 @@ def jitted_apply(scale: int, mode: str = "fp", bits: int = 4, arch: tuple = ()) 
   return eval_jit(lambda variables, x: model.apply(variables, x))
 
 
+# Every live BucketApply (weakly held), so `release_executables` reaches those a Predictor still
+# references after their lru_cache entry is cleared.
+_BUCKET_APPLIES: "weakref.WeakSet[BucketApply]" = weakref.WeakSet()
+
+
 class BucketApply:
   """A model kind's bucket function `(variables, x, valid_hw) -> SR` and its executables.
 
@@ -133,6 +139,7 @@ class BucketApply:
   def __init__(self, fn: Callable):
     self.fn = fn
     self._executables: dict[tuple, Callable] = {}
+    _BUCKET_APPLIES.add(self)
 
   def has(self, layout: tuple, shape: tuple[int, ...]) -> bool:
     return (layout, shape) in self._executables
@@ -156,6 +163,21 @@ def bucket_apply(scale: int, mode: str = "fp", bits: int = 4, arch: tuple = ()) 
   model = SwinIR(upscale=scale, mode=mode, bits=bits, **dict(arch))
   return BucketApply(eval_jit(lambda variables, x, valid_hw:
                               model.apply(variables, x, valid_hw=valid_hw)))
+
+
+def release_executables() -> int:
+  """Drops every cached evaluation executable (all model kinds and image sizes) and jax's own
+  caches; returns how many bucket executables were dropped. The pipeline calls it before DQC:
+  finished methods' executables are not needed again (a later evaluation recompiles them, from
+  the persistent compilation cache when it is on)."""
+  dropped = 0
+  for kind in list(_BUCKET_APPLIES):
+    dropped += len(kind._executables)  # pylint: disable=protected-access
+    kind._executables.clear()  # pylint: disable=protected-access
+  bucket_apply.cache_clear()
+  jitted_apply.cache_clear()
+  jax.clear_caches()
+  return dropped
 
 
 def variables_layout(variables: Mapping) -> tuple:

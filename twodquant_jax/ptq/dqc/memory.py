@@ -1,15 +1,28 @@
-"""`dqc.microbatch = auto`: the largest microbatch whose compiled DQC step fits the device memory.
+"""`dqc.microbatch = auto`: the largest microbatch whose DQC step fits the memory the run has.
 
 The step is lowered and compiled for candidate microbatches (divisors of the batch, largest
-first); XLA's `memory_analysis()` of each (temp + arguments + outputs) is compared with what the
-device offers: `memory_stats()['bytes_limit']` on an accelerator, the available RAM
-(/proc/meminfo MemAvailable) on CPU, both with headroom. After a candidate that does not fit,
-the next one tried is the largest whose size, extrapolated from the measured bytes per sample,
-fits (then verified by its own compile), so usually one or two compiles decide. The step the
-loop runs is the ordinary jitted one for the chosen microbatch (with the persistent compilation
-cache on, as in the pipeline, its compile is a cache hit). The decision is cached in-process and,
+first) and XLA's `memory_analysis()` of each (temp + arguments + outputs, per device) gives its
+need. What is compared with the limit depends on the device:
+
+- CPU: the process's resident size is what the kernel kills, so the plan is the resident size
+  the process will hold: the measured resident baseline (VmRSS, just before DQC) plus the step's
+  need on every local device times STEP_FACTOR plus STEP_MARGIN (both measured: the step's
+  resident growth over the baseline, including the executable and XLA:CPU's worker threads'
+  blocks, docs/measured/memory.md). The limit is the process's: $TWODQUANT_MEMORY_LIMIT_GB when
+  set (to plan for less than the machine has, or to test this), else what it holds now plus
+  HEADROOM x the available RAM (/proc/meminfo MemAvailable).
+- an accelerator: the step's need against `memory_stats()['bytes_limit']` (minus what is in
+  use), times HEADROOM.
+
+When even the smallest candidate does not fit, `MemoryLimitError` (a ValueError: main.py prints
+its one line) names what to change; the pipeline asks before DOBI (`check`) and again, with the
+resident size then, before DQC. After a candidate that does not fit, the next one tried is the
+largest whose size, extrapolated from the measured bytes per sample, fits (then verified by its
+own compile), so usually one or two compiles decide. The step the loop runs is the ordinary
+jitted one for the chosen microbatch (with the persistent compilation cache on, as in the
+pipeline, its compile is a cache hit). The XLA need per candidate is cached in-process and,
 when the persistent compilation cache is on, in `microbatch.json` of the project cache folder
-(`cache.root()`; reused while its measured size still fits).
+(`cache.root()`); the fit is decided again each time against the resident size then.
 """
 
 from __future__ import annotations
@@ -30,10 +43,31 @@ from twodquant_jax import cache, files
 from twodquant_jax.ptq.dqc.step import (AUTO_MICROBATCH, DATA_AXIS, DQCSettings, init_state,
                                         jit_train_step)
 
-# Fraction of the device's memory a step may plan to use (fragmentation, the data pipeline,
-# other processes on a shared CPU host).
+from twodquant_jax import host_runtime
+
+# Fraction of the available RAM (or an accelerator's free memory) a plan may use: other
+# processes on a shared host, fragmentation.
 HEADROOM = 0.85
+# The process's memory limit in GB, to plan for less than the machine has (a shared host, a
+# container's cgroup limit) and to test the planner.
+LIMIT_ENV = "TWODQUANT_MEMORY_LIMIT_GB"
+# A CPU DQC run's resident growth over the baseline before it, measured (docs/measured/memory.md):
+# STEP_FACTOR x XLA's bytes per device x local devices (the step's buffers with the allocator's
+# slack; the compile's heap is reused by them) + STEP_MARGIN (the loop: patch prefetcher,
+# checkpointer, thread stacks). glibc under 'keep' holds ~2x the step's buffers (1.98 measured:
+# a freed buffer that a small block was then cut from no longer fits the next step's, so two
+# steps' buffers alternate); tcmalloc and glibc's own mmap hold ~1.2x (1.17-1.18 measured).
+# Each further microbatch of a step adds ROUND_FACTOR (glibc 'keep', batch 32 in microbatches of
+# 4: 2.67x measured; tcmalloc not measured, given the same).
+STEP_FACTOR = {"glibc": 2.0, "tcmalloc": 1.2}
+ROUND_FACTOR = 0.12
+STEP_MARGIN = 0.4e9
 DECISIONS_FILE = "microbatch.json"
+
+
+class MemoryLimitError(ValueError):
+  """The DQC step cannot fit the memory limit at any microbatch (one line: what to change)."""
+  names_remedy = True  # main.py prints the message as it is
 
 
 def _meminfo_available() -> int | None:
@@ -46,29 +80,81 @@ def _meminfo_available() -> int | None:
   return None
 
 
+def env_limit_bytes(environ: Mapping[str, str] | None = None) -> int | None:
+  """$TWODQUANT_MEMORY_LIMIT_GB in bytes, or None when unset; a bad value is a one-line error."""
+  value = (os.environ if environ is None else environ).get(LIMIT_ENV, "").strip()
+  if not value:
+    return None
+  try:
+    gb = float(value)
+  except ValueError:
+    gb = -1.0
+  if not gb > 0:
+    raise ValueError(f"{LIMIT_ENV}={value!r} is not a positive number of GB; fix or unset it")
+  return int(gb * 1e9)
+
+
+@dataclasses.dataclass(frozen=True)
+class Budget:
+  """What a step's XLA need (bytes per device) is planned against.
+
+  planned(need, rounds) = baseline + (factor + per_round * (rounds - 1)) * devices * need
+  + margin, which must be <= limit (`rounds`: the microbatches of one step).
+  """
+  limit: int  # bytes the process (CPU) or one device (accelerator) may use
+  baseline: int = 0  # resident bytes before the step (CPU)
+  devices: int = 1  # local devices sharing the limit (CPU devices share the host's RAM)
+  factor: float = 1.0
+  margin: int = 0
+  per_round: float = 0.0
+  source: str = ""  # where the limit comes from, for the messages
+
+  def planned(self, need: int, rounds: int = 1) -> int:
+    factor = self.factor + self.per_round * (rounds - 1)
+    return int(self.baseline + factor * self.devices * need + self.margin)
+
+  def fits(self, need: int, rounds: int = 1) -> bool:
+    return self.planned(need, rounds) <= self.limit
+
+
+def host_budget(local_devices: int, environ: Mapping[str, str] | None = None,
+                resident: int | None = None) -> Budget:
+  """The CPU budget: the process's limit ($TWODQUANT_MEMORY_LIMIT_GB, else resident now +
+  HEADROOM x MemAvailable, else x physical memory) and its resident baseline now."""
+  if resident is None:
+    now = host_runtime.resident_bytes()
+    resident = now["rss"] if now else 0
+  limit = env_limit_bytes(environ)
+  source = f"{LIMIT_ENV}"
+  if limit is None:
+    avail = _meminfo_available()
+    if avail is None:
+      avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    limit, source = int(resident + HEADROOM * avail), "resident + available RAM"
+  factor = STEP_FACTOR["tcmalloc" if host_runtime.loaded_tcmalloc() else "glibc"]
+  return Budget(limit=limit, baseline=resident, devices=max(1, local_devices), factor=factor,
+                margin=int(STEP_MARGIN), per_round=ROUND_FACTOR, source=source)
+
+
 def device_memory_bytes(device: jax.Device) -> int:
-  """Bytes a compiled step may use on `device`: its allocator's limit on an accelerator, the
-  available RAM on CPU (MemAvailable; else total physical memory), times HEADROOM."""
-  if device.platform != "cpu":
-    stats = device.memory_stats() or {}
-    limit = stats.get("bytes_limit")
-    if limit:
-      return int(HEADROOM * (int(limit) - int(stats.get("bytes_in_use", 0))))
-  avail = _meminfo_available()
-  if avail is None:
-    avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-  return int(HEADROOM * avail)
+  """Bytes a compiled step may use on an accelerator `device`: its allocator's limit minus what
+  is in use, times HEADROOM (0 when the device reports no limit)."""
+  stats = device.memory_stats() or {}
+  limit = stats.get("bytes_limit")
+  return int(HEADROOM * (int(limit) - int(stats.get("bytes_in_use", 0)))) if limit else 0
 
 
-def mesh_device_bytes(mesh: Mesh) -> int:
-  """Bytes one device of the mesh may use: CPU devices of this process share the host's RAM
-  (config cpu_devices > 1), so each gets its share."""
+def mesh_budget(mesh: Mesh, limit_bytes: int | None = None) -> Budget:
+  """The budget of a step on `mesh`: the host's (CPU devices of this process share its RAM),
+  or one accelerator's memory. `limit_bytes` replaces the limit (tests, callers that know)."""
   dev = mesh.devices.flat[0]
-  total = device_memory_bytes(dev)
-  if dev.platform == "cpu":
-    local = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
-    total //= max(1, local)
-  return total
+  if dev.platform != "cpu":
+    limit = int(limit_bytes) if limit_bytes else device_memory_bytes(dev)
+    if limit:
+      return Budget(limit=limit, source=f"{dev.platform} memory")
+  local = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
+  budget = host_budget(local)
+  return dataclasses.replace(budget, limit=int(limit_bytes)) if limit_bytes else budget
 
 
 def compiled_bytes(compiled: Any) -> int:
@@ -90,7 +176,7 @@ def candidates(batch: int, num_devices: int) -> list[int]:
 def _decision_key(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh) -> str:
   dev = mesh.devices.flat[0]
   fields = dataclasses.asdict(dataclasses.replace(settings, microbatch=AUTO_MICROBATCH, steps=1))
-  return json.dumps({"settings": fields, "batch": batch, "lr_size": lr_size,
+  return json.dumps({"needs": 2, "settings": fields, "batch": batch, "lr_size": lr_size,
                      "platform": dev.platform, "kind": dev.device_kind,
                      "devices": int(mesh.devices.size), "jax": jax.__version__},
                     sort_keys=True, default=str)
@@ -102,14 +188,16 @@ def _decisions_path() -> Path | None:
   return cache.root() / DECISIONS_FILE if jax.config.jax_compilation_cache_dir else None
 
 
-def _load_decision(key: str) -> dict | None:
+def _load_decision(key: str) -> dict[int, int]:
+  """{microbatch: XLA bytes per device} measured before for `key` ({} when none)."""
   path = _decisions_path()
   if path is None or not path.is_file():
-    return None
+    return {}
   try:
-    return json.loads(path.read_text()).get(key)
-  except (OSError, ValueError):
-    return None
+    entry = json.loads(path.read_text()).get(key) or {}
+    return {int(k): int(v) for k, v in entry.items()}
+  except (OSError, ValueError, TypeError, AttributeError):
+    return {}
 
 
 def _save_decision(key: str, value: dict) -> None:
@@ -133,64 +221,103 @@ def _memo(key: str) -> dict:
   return {}
 
 
-def train_step_fn(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh, params: Mapping,
-                  quant: Mapping, limit_bytes: int | None = None
-                  ) -> tuple[Callable, DQCSettings, dict[str, Any]]:
-  """The step function for `settings`, its microbatch resolved when it is 'auto'.
-
-  `params` and `quant` (the initial bounds) only give shapes; nothing is computed on them.
-
-  Returns (step_fn(state, lr_u8, params) -> (state, metrics), the resolved settings, info with
-  'microbatch', 'bytes', 'limit_bytes', 'compiles', 'cached'). An explicit microbatch returns the
-  ordinary `jit_train_step` untouched.
-  """
-  if settings.microbatch != AUTO_MICROBATCH:
-    return jit_train_step(settings, mesh), settings, {"microbatch": settings.microbatch}
-  limit = int(limit_bytes) if limit_bytes else mesh_device_bytes(mesh)
+def _abstract_args(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh, params: Mapping,
+                   quant: Mapping) -> tuple:
   repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
   abstract = lambda tree, sh: jax.tree_util.tree_map(
       lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a), sharding=sh), tree)
-  state = jax.eval_shape(lambda: init_state(settings, quant))
-  args = (abstract(state, repl),
+  state = jax.eval_shape(lambda q: init_state(settings, q), quant)  # arrays or shapes
+  return (abstract(state, repl),
           jax.ShapeDtypeStruct((batch, lr_size, lr_size, 3), jnp.uint8, sharding=data),
           abstract(params, repl))
+
+
+def _too_big(budget: Budget, mb: int, need: int, rounds: int = 1) -> MemoryLimitError:
+  gb = lambda b: f"{b / 1e9:.1f} GB"
+  planned = budget.planned(need, rounds)
+  resident = (f"{gb(budget.baseline)} resident now + " if budget.baseline else "")
+  return MemoryLimitError(
+      f"DQC needs about {gb(planned)} even at microbatch {mb} ({resident}"
+      f"{gb(planned - budget.baseline)} for the step) but the limit is "
+      f"{gb(budget.limit)} ({budget.source}): lower --config.dqc.batch_size or "
+      f"--config.calib.lr_size, or free memory (or raise {LIMIT_ENV})")
+
+
+def plan(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh, params: Mapping,
+         quant: Mapping, budget: Budget | None = None) -> tuple[DQCSettings, dict[str, Any]]:
+  """The settings with microbatch 'auto' resolved against `budget` (default: `mesh_budget`),
+  and the plan: 'microbatch', 'bytes' (XLA's need per device), 'planned_bytes' (what the
+  process or device will hold), 'limit_bytes', 'baseline_bytes', 'compiles', 'cached'.
+
+  `params` and `quant` (the initial bounds) only give shapes; nothing is computed on them.
+  Raises MemoryLimitError (one line) when even the smallest microbatch does not fit.
+  """
+  budget = budget or mesh_budget(mesh)
   key = _decision_key(settings, batch, lr_size, mesh)
   memo = _memo(key)
-  known = memo.get("decision") or _load_decision(key)
-  if known and known["bytes"] <= limit:
-    resolved = _with_microbatch(settings, int(known["microbatch"]), batch)
-    info = dict(known, limit_bytes=limit, compiles=0, cached=True)
-    logging.info("DQC microbatch auto: %d (cached decision, %.2f GB of %.2f GB)",
-                 known["microbatch"], known["bytes"] / 1e9, limit / 1e9)
-    return jit_train_step(resolved, mesh), resolved, info
-
+  needs = dict(memo.get("needs") or _load_decision(key))
+  cached = bool(needs)
   cands = candidates(batch, int(mesh.devices.size))
-  tried: dict[int, int] = {}
+  args = None
+  compiles = 0
+
+  def need_of(mb: int) -> int:
+    nonlocal args, compiles
+    if mb not in needs:
+      if args is None:
+        args = _abstract_args(settings, batch, lr_size, mesh, params, quant)
+      lowered = jit_train_step(_with_microbatch(settings, mb, batch), mesh).lower(*args)
+      needs[mb] = compiled_bytes(lowered.compile())
+      compiles += 1
+      logging.info("DQC microbatch auto: %d needs %.2f GB per device, %.2f GB planned "
+                   "(limit %.2f GB)", mb, needs[mb] / 1e9,
+                   budget.planned(needs[mb], batch // mb) / 1e9, budget.limit / 1e9)
+    return needs[mb]
+
+  if not budget.fits(0):  # the baseline alone is over the limit: no compile can help
+    raise _too_big(budget, cands[-1], 0)
   i = 0
   while True:
     mb = cands[i]
-    resolved = _with_microbatch(settings, mb, batch)
-    compiled = jit_train_step(resolved, mesh).lower(*args).compile()
-    need = compiled_bytes(compiled)
-    tried[mb] = need
-    logging.info("DQC microbatch auto: %d needs %.2f GB (limit %.2f GB)", mb, need / 1e9,
-                 limit / 1e9)
-    if need <= limit or i == len(cands) - 1:
+    need = need_of(mb)
+    if budget.fits(need, batch // mb):
       break
+    if i == len(cands) - 1:
+      raise _too_big(budget, mb, need, batch // mb)
     # Next: the largest smaller candidate whose linearly extrapolated size fits.
     per_sample = need / mb
-    nxt = next((j for j in range(i + 1, len(cands)) if per_sample * cands[j] <= limit),
+    nxt = next((j for j in range(i + 1, len(cands))
+                if budget.fits(int(needs.get(cands[j], per_sample * cands[j])),
+                               batch // cands[j])),
                len(cands) - 1)
     i = max(nxt, i + 1)
-  if need > limit:
-    logging.warning("DQC microbatch auto: even microbatch %d needs %.2f GB > %.2f GB available; "
-                    "trying it anyway", mb, need / 1e9, limit / 1e9)
-  decision = {"microbatch": mb, "bytes": need}
-  memo["decision"] = decision
-  _save_decision(key, decision)
-  info = dict(decision, limit_bytes=limit, compiles=len(tried), cached=False,
-              tried={str(k): v for k, v in tried.items()})
+  memo["needs"] = needs
+  if compiles:
+    _save_decision(key, {str(k): v for k, v in needs.items()})
+  info = {"microbatch": mb, "bytes": need, "planned_bytes": budget.planned(need, batch // mb),
+          "limit_bytes": budget.limit, "baseline_bytes": budget.baseline,
+          "limit_source": budget.source, "compiles": compiles, "cached": cached and not compiles,
+          "tried": {str(k): v for k, v in sorted(needs.items())}}
+  logging.info("DQC microbatch auto: %d, planned %.2f GB (%.2f GB resident + step) of %.2f GB",
+               mb, info["planned_bytes"] / 1e9, budget.baseline / 1e9, budget.limit / 1e9)
+  return _with_microbatch(settings, mb, batch), info
+
+
+def train_step_fn(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh, params: Mapping,
+                  quant: Mapping, limit_bytes: int | None = None
+                  ) -> tuple[Callable, DQCSettings, dict[str, Any]]:
+  """The step function for `settings`, its microbatch resolved when it is 'auto' (`plan`).
+
+  `limit_bytes`: plan XLA's need per device against this many bytes instead of the process's
+  budget (no baseline or margin; tests and callers that know their device).
+
+  Returns (step_fn(state, lr_u8, params) -> (state, metrics), the resolved settings, the plan).
+  An explicit microbatch returns the ordinary `jit_train_step` untouched.
+  """
+  if settings.microbatch != AUTO_MICROBATCH:
+    return jit_train_step(settings, mesh), settings, {"microbatch": settings.microbatch}
+  budget = Budget(limit=int(limit_bytes), source="limit_bytes") if limit_bytes else None
+  resolved, info = plan(settings, batch, lr_size, mesh, params, quant, budget)
   # The loop calls the ordinary jitted step (whose dispatch handles the donated state as the
   # loop expects); with the persistent compilation cache on, its compile is a cache hit.
-  del compiled
   return jit_train_step(resolved, mesh), resolved, info
