@@ -2,7 +2,8 @@
 cannot fit with one line (ptq/dqc/memory.py).
 
 The tiny network of dqc_tiny.py trains in a fresh interpreter (the resident size is
-per-process); its peak comes from ru_maxrss and is compared with the plan the loop made.
+per-process); its peak is the interpreter's own high-water mark (VmHWM: ru_maxrss would carry
+the forking test process's peak across fork+exec on Linux) and is compared with the plan.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from twodquant_jax.ptq.dqc import memory as dqc_memory
 from twodquant_jax.ptq.dqc import step as dqc_step
 
 TINY_RUN = r"""
-import json, resource, sys, tempfile
+import json, sys, tempfile
 from pathlib import Path
 import dqc_tiny
 from twodquant_jax import host_runtime
@@ -34,7 +35,8 @@ try:
 except memory.MemoryLimitError as e:
   print(json.dumps({"error": str(e)}))
   sys.exit(3)
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+status = Path("/proc/self/status").read_text()
+peak = int(next(l for l in status.splitlines() if l.startswith("VmHWM:")).split()[1]) * 1024
 print(json.dumps({"plan": info["microbatch"], "peak": peak}))
 """
 
