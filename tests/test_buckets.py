@@ -66,6 +66,7 @@ def _assert_same(got, want, hrs, scale):
     assert abs(_psnr(g, hr, scale) - _psnr(w, hr, scale)) <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fp", "quant", "int"])
 def test_mixed_size_bucket_batch_equals_per_size(mode):
   """Odd sizes in ONE call (one bucket, one batch of mixed sizes) give the per-size outputs."""
@@ -85,6 +86,7 @@ def test_mixed_size_bucket_batch_equals_per_size(mode):
   _assert_same(got, want, hrs, s)
 
 
+@pytest.mark.slow
 def test_canvas_padding_content_does_not_reach_the_image():
   """An image inside a canvas of garbage gives its own outputs; a full-size image with
   valid_hw = the canvas gives the default path's (shifted windows wrap the whole canvas)."""
@@ -117,6 +119,7 @@ def small_real_images(benchmarks):
   return [set5["bird"], set14["comic"]]
 
 
+@pytest.mark.slow
 def test_standin_fp_bucket_equals_per_size(standin, small_real_images):
   per_size, bucket = _predictors(4, "fp", standin)
   lrs = [im.lr for im in small_real_images]
@@ -126,6 +129,7 @@ def test_standin_fp_bucket_equals_per_size(standin, small_real_images):
   assert per_size.compile_stats()["compiles"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["quant", "int"])
 def test_real_quantized_bucket_equals_per_size(mode, reference, small_real_images):
   """The authors' 2DQuant bounds (attention lower bounds above 0) on the random x4 model."""
@@ -138,6 +142,7 @@ def test_real_quantized_bucket_equals_per_size(mode, reference, small_real_image
   _assert_same(bucket.predict(lrs), per_size.predict(lrs), [im.hr for im in small_real_images], 4)
 
 
+@pytest.mark.slow
 def test_tiled_bucket_equals_tiled_per_size():
   s = 2
   rng = np.random.default_rng(2)

@@ -49,6 +49,7 @@ def _variables(mode, params, quant):
   return {"params": params} if mode == "fp" else {"params": params, "quant": quant}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["fp", "quant", "int"])
 def test_scanned_equals_unrolled(tiny, mode):
   """Output and the 4 RSTB features, on whole images and on a bucket canvas (valid_hw)."""
@@ -63,6 +64,7 @@ def test_scanned_equals_unrolled(tiny, mode):
   assert _tree_max_diff(outs[False], outs[True]) <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", [False, True])
 def test_dqc_gradients_equal(tiny, remat):
   """The DQC loss and its gradient w.r.t. every bound, scanned vs unrolled, with and without
