@@ -398,11 +398,7 @@ def make_figures(settings: RunSettings, workdir: Path, record: RunRecord, params
   all_bounds = {m: qnames.tree_to_dict(b)
                 for m, b in sorted(bounds.items(), key=lambda kv: order[kv[0]])}
   shown = {m: b for m, b in all_bounds.items() if m in method_registry.dqc_chain()}
-  known = set(qnames.quantizer_order())
-  unknown = [n for n in fig.hist_quantizers if n not in known]
-  if unknown:
-    logging.warning("figures: report.hist_quantizers: unknown quantizer(s) %s", unknown)
-  hist_names = [n for n in fig.hist_quantizers if n in known]
+  hist_names = figure_inputs.hist_names(fig)
   hists, pct, num_patches = {}, {}, 0
   if lr is not None and (hist_names or shown):
     hists, pct = stats.tensor_stats(params, settings.scale, lr, shown, hist_names, all_bounds)

@@ -104,7 +104,7 @@ def collect(settings: FigureSettings, *, results: Mapping,
       scale=settings.scale, bits=int(results.get("bits", settings.bits)),
       bounds=_in_method_order({m: {n: [float(v) for v in lu[:2]] for n, lu in b.items()}
                                for m, b in bounds.items()}))
-  inputs.hist_names = hist_names(settings)
+  inputs.hist_names = [n for n in settings.hist_quantizers if n in set(quantizer_order())]
   inputs.hists = {n: dict(hists[n]) for n in inputs.hist_names if n in hists}
   missing = [n for n in inputs.hist_names if n not in hists]
   if missing:
