@@ -138,6 +138,8 @@ def test_main_end_to_end_fp(tmp_path, reference, benchmarks):
   r = results["ratios"]
   assert r["bits"] == 32 and r["compression"] == pytest.approx(1.0)
   assert r["speedup"] == pytest.approx(1.0)
+  fp = results["methods"]["fp"]  # two images of different sizes share at most two buckets
+  assert 1 <= fp["eval_compiles"] <= 2 and fp["eval_compile_s"] > 0
   d = results["methods"]["fp"]["datasets"]["Set5"]
   assert d["num_images"] == 2 and set(d["images"]) == {"baby", "bird"}
   for name, v in d["images"].items():  # each score is that of the saved SR against its HR
