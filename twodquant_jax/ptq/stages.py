@@ -1,0 +1,43 @@
+"""Stages that change the network before calibration, by name (the registry's `stages`).
+
+A stage takes the student built so far and what it may measure on, and returns the changed
+student: e.g. rotations folded into the weights (plus the run-time rotations as a 'rotation'
+collection), or channel scaling folded into LayerNorm. The FP teacher never changes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+
+from twodquant_jax.nn.student import Student
+
+
+@dataclasses.dataclass(frozen=True)
+class StageInputs:
+  """fp_params: the teacher's weights; calib_lr: calibration LR patches (N, h, w, 3) in [0, 1];
+  key: the stage's PRNG key (random signs etc.); options: the stage's settings by name."""
+  fp_params: Mapping[str, Any]
+  calib_lr: np.ndarray
+  scale: int
+  bits: int
+  key: jax.Array
+  options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+Stage = Callable[[Student, StageInputs], Student]
+
+STAGES: dict[str, Stage] = {}
+
+
+def apply(names: tuple[str, ...], student: Student, inputs: StageInputs) -> Student:
+  """The stages `names`, in order, each with its own key folded from `inputs.key`."""
+  for i, name in enumerate(names):
+    if name not in STAGES:
+      raise ValueError(f"unknown stage {name!r}; known: {sorted(STAGES)}")
+    student = STAGES[name](student, dataclasses.replace(inputs,
+                                                        key=jax.random.fold_in(inputs.key, i)))
+  return student
