@@ -8,11 +8,18 @@ Sections (each timed; a failing section records its error and the others still r
                'sorted'): how many of the 768 bounds are equal;
   dqc_speed    DQC steps/s at batch 32 (64x64 LR, x4, 2 bits) with dqc.microbatch=auto, and the
                device's peak memory;
+  compiler_options  compile seconds and step / call time of the DQC step (batch 32, whole batch)
+               and of the FP and fake-quant bucket evaluation function (one 128x128 LR image)
+               under each of this backend's candidate compiler options
+               (`compile_cache.CANDIDATE_OPTIONS`; GPU: GEMM autotuning on and off), each
+               compiled cold from one lowering, steps / calls timed alternately;
   pipeline     the full x4 W2 2DQuant run on standin_x4.pth (DOBI on 32 patches, DQC 3000 steps
-               at batch 32, eval Set5/Set14/B100) with the wall time of each stage.
+               at batch 32, eval Set5/Set14/B100) with the wall time of each stage, from a cold
+               compilation cache (a fresh folder; in-memory caches of earlier sections cleared).
 
-`--smoke`: CPU-sized (tiny sizes, a 2-RSTB network for the DQC speed, DOBI instead of 2DQuant in
-the pipeline, one small image per dataset) so CI can check the script and its JSON keys.
+`--smoke`: CPU-sized (tiny sizes, a 2-RSTB network for the DQC speed and the compiler options,
+2 DQC steps at batch 2 on 16x16 patches in the pipeline, one small image per dataset) so CI can
+check the script and its JSON keys end to end.
 
 The shared data is found from --shared, else $TWODQUANT_SHARED, else <repo>/shared, else
 <repo>/../shared. Needed: reference/{parity_x4_random.npz, calib_x4.npz,
@@ -39,7 +46,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-SECTIONS = ("fp_parity", "dobi", "dqc_speed", "pipeline")
+SECTIONS = ("fp_parity", "dobi", "dqc_speed", "compiler_options", "pipeline")
 TINY_ARCH = {"embed_dim": 12, "depths": (1, 1), "num_heads": (2, 2)}
 
 
@@ -120,7 +127,6 @@ def dobi(shared: Path, smoke: bool) -> dict:
 
 
 def dqc_speed(shared: Path, smoke: bool) -> dict:
-  from twodquant_jax.nn import names as qnames
   from twodquant_jax.ptq.dqc import memory as dqc_memory
   from twodquant_jax.ptq.dqc import step as dqc_step
   batch, lr_size, steps = (4, 16, 2) if smoke else (32, 64, 20)
@@ -137,11 +143,7 @@ def dqc_speed(shared: Path, smoke: bool) -> dict:
     params = _params(shared / "reference" / "standin_x4.pth")
   lr = np.load(shared / "reference" / "calib_x4.npz")["lr"]
   lr = np.resize(lr[:, :lr_size, :lr_size], (batch, lr_size, lr_size, 3)).astype(np.uint8)
-  capture = jax.jit(lambda p, x: dqc_step.model_for(settings, "capture").apply(
-      {"params": p}, x, mutable=["calib"])[1]["calib"])
-  seen = qnames.leaves_by_name(capture(params, lr[:2].astype(np.float32) / 255.0), "input")
-  quant = qnames.dict_to_tree({k: [float(jnp.min(v)), float(jnp.max(v))]
-                               for k, v in seen.items()})
+  quant = _minmax_bounds(settings, params, lr)
   mesh = dqc_step.data_mesh()
   from jax.sharding import NamedSharding, PartitionSpec as P
   repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(dqc_step.DATA_AXIS))
@@ -170,6 +172,47 @@ def dqc_speed(shared: Path, smoke: bool) -> dict:
           "loss_finite": bool(m["finite"])}
 
 
+def compiler_options(shared: Path, smoke: bool) -> dict:
+  import dataclasses
+  from configs.base import get_config
+  import compile_options as co
+  from twodquant_jax import compile_cache
+  from twodquant_jax import settings as run_settings
+  from twodquant_jax.ptq.dqc import step as dqc_step
+  sets = {"default": {}, **compile_cache.CANDIDATE_OPTIONS.get(compile_cache.backend_kind(), {})}
+  batch, lr_size, steps = (2, 16, 2) if smoke else (32, 64, 10)
+  arch = dict(TINY_ARCH) if smoke else None
+  settings = dataclasses.replace(
+      run_settings.dqc_settings(get_config(scale=4, bits=2), arch), microbatch=0, steps=steps + 2)
+  if smoke:
+    params = jax.jit(dqc_step.model_for(settings, "fp").init)(
+        jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
+  else:
+    params = _params(shared / "reference" / "standin_x4.pth")
+  lr = np.load(shared / "reference" / "calib_x4.npz")["lr"]
+  lr = np.resize(lr[:, :lr_size, :lr_size], (batch, lr_size, lr_size, 3)).astype(np.uint8)
+  quant = _minmax_bounds(settings, params, lr)
+  out = {"options": sets, "dqc_settings": {"batch": batch, "lr_size": lr_size,
+                                            "remat": settings.remat, "arch": settings.arch}}
+  with jax.default_matmul_precision("highest"):
+    out["dqc"] = co.dqc_compare(settings, params, quant, lr, sets, steps)
+    for mode in ("fp", "quant"):
+      out[f"eval_{mode}"] = co.eval_compare(params, quant, mode, sets, scale=4, bits=2,
+                                            lr_size=16 if smoke else 128, arch=settings.arch)
+  return out
+
+
+def _minmax_bounds(settings, params, lr: np.ndarray) -> dict:
+  """Min/max bounds of every quantizer's input on two images of `lr` (a DQC start)."""
+  from twodquant_jax.nn import names as qnames
+  from twodquant_jax.ptq.dqc import step as dqc_step
+  capture = jax.jit(lambda p, x: dqc_step.model_for(settings, "capture").apply(
+      {"params": p}, x, mutable=["calib"])[1]["calib"])
+  seen = qnames.leaves_by_name(capture(params, lr[:2].astype(np.float32) / 255.0), "input")
+  return qnames.dict_to_tree({k: [float(jnp.min(v)), float(jnp.max(v))]
+                              for k, v in seen.items()})
+
+
 def _tiny_benchmarks(shared: Path, root: Path) -> Path:
   """One 64x64 HR crop of the first image of each dataset (smoke mode)."""
   from twodquant_jax.data.images import load_rgb, save_png
@@ -179,37 +222,53 @@ def _tiny_benchmarks(shared: Path, root: Path) -> Path:
   return root
 
 
-def pipeline(shared: Path, smoke: bool, workdir: Path, dqc_steps: int = 3000) -> dict:
+def cold_compile_cache(folder: Path) -> str:
+  """Points the persistent compilation cache at a new empty `folder` and clears jax's in-memory
+  caches, so what follows compiles everything (as a first run on a fresh machine)."""
+  from jax._src import compilation_cache  # pylint: disable=g-import-not-at-top
+  from twodquant_jax import compile_cache
+  jax.clear_caches()
+  compilation_cache.reset_cache()  # the next compile opens the cache at the new folder
+  return str(compile_cache.enable(str(folder)))
+
+
+def pipeline(shared: Path, smoke: bool, workdir: Path, dqc_steps: int = 3000,
+             cold: bool = True) -> dict:
   from configs.base import get_config
   from twodquant_jax import pipeline as run_pipeline
   from twodquant_jax import settings as run_settings
-  c = get_config(scale=4, bits=2, method="dobi" if smoke else "2dquant")
+  c = get_config(scale=4, bits=2, method="2dquant")
   c.model.checkpoint = str(shared / "reference" / "standin_x4.pth")
   c.calib.root = str(shared / "data" / "calib")
   c.data.root = str(shared / "data" / "benchmarks")
   c.eval.datasets = "Set5,Set14,B100"
   c.progress = False
-  c.compile_cache = jax.config.jax_compilation_cache_dir or ""  # the one this script set
   c.dqc.steps, c.dqc.batch_size, c.calib.num_patches = dqc_steps, 32, 32
   if smoke:
+    c.dqc.steps, c.dqc.batch_size, c.dqc.microbatch = min(dqc_steps, 2), 2, "0"
     c.calib.num_patches, c.calib.lr_size = 1, 16
     c.data.root = str(_tiny_benchmarks(shared, workdir / "bench"))
+  # Cold: a fresh cache folder (the pipeline then fills it, as a first run does).
+  c.compile_cache = (cold_compile_cache(workdir / f"xla_cold_{time.time_ns()}") if cold
+                     else jax.config.jax_compilation_cache_dir or "")
   t0 = time.perf_counter()
   res = run_pipeline.run(run_settings.parse(c), workdir / "run")
   total = time.perf_counter() - t0
-  method = c.method
-  entry = res["methods"][method]
+  entry = res["methods"]["2dquant"]
   calib = entry.get("calibration", {})
   dqc = entry.get("dqc", {})
   stages = {"calibration_s": calib.get("seconds_total"), "dqc_s": dqc.get("seconds"),
-            "method_s": entry.get("seconds"), "total_s": round(total, 2)}
+            "dqc_compile_s": dqc.get("compile_seconds"), "method_s": entry.get("seconds"),
+            "eval_compiles": entry.get("eval_compiles"), "eval_compile_s": entry.get("eval_compile_s"),
+            "results_seconds_total": res.get("seconds_total"), "total_s": round(total, 2)}
   stages["eval_s"] = (entry["seconds"] - (dqc.get("seconds") or 0.0)
                       if entry.get("seconds") is not None else None)
   scores = {n: {"psnr": d.get("psnr"), "ssim": d.get("ssim"), "seconds": d.get("seconds")}
             for n, d in entry.get("datasets", {}).items()}
-  return {"method": method, "dqc_steps": c.dqc.steps, "stages": stages, "datasets": scores,
-          "dqc_steps_per_s": dqc.get("steps_per_s"), "dqc_microbatch": dqc.get("microbatch"),
-          "dqc_final_loss": dqc.get("final_loss")}
+  return {"method": "2dquant", "dqc_steps": c.dqc.steps, "dqc_batch": c.dqc.batch_size,
+          "calib_patches": c.calib.num_patches, "cold_compile_cache": cold, "stages": stages,
+          "datasets": scores, "dqc_steps_per_s": dqc.get("steps_per_s"),
+          "dqc_microbatch": dqc.get("microbatch"), "dqc_final_loss": dqc.get("final_loss")}
 
 
 def planned_steps(prev: dict, budget_s: float) -> tuple[int, dict]:
@@ -236,6 +295,10 @@ def main(argv=None) -> int:
   ap.add_argument("--pipeline_dqc_steps", type=int, default=3000,
                   help="DQC steps of the pipeline section (the paper's 3000; fewer only to fit "
                        "a time limit, and the JSON says how many ran)")
+  ap.add_argument("--pipeline_cache", default="cold", choices=("cold", "shared"),
+                  help="the pipeline section's compilation cache: 'cold' (a fresh folder, "
+                       "in-memory caches cleared: the issue's measurement) or 'shared' (the one "
+                       "--compile_cache set, warm from earlier sections or runs)")
   ap.add_argument("--fp_precisions", default="highest,default",
                   help="matmul precisions of the fp_parity section")
   ap.add_argument("--plan_from", default="",
@@ -271,7 +334,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     try:
       if name == "pipeline":
-        result = pipeline(shared, args.smoke, work, args.pipeline_dqc_steps)
+        result = pipeline(shared, args.smoke, work, args.pipeline_dqc_steps,
+                          cold=args.pipeline_cache == "cold")
       elif name == "fp_parity":
         result = fp_parity(shared, args.smoke, tuple(args.fp_precisions.split(",")))
       else:

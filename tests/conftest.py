@@ -15,7 +15,7 @@ from typing import Callable, NoReturn
 
 import pytest
 
-from twodquant_jax import host_runtime
+from twodquant_jax import compile_cache, host_runtime
 from shared_paths import shared_path
 
 # As main.py: reuse freed host memory (XLA:CPU's per-call buffers), before any backend starts.
@@ -37,9 +37,15 @@ def missing(reason: str) -> NoReturn:
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory):
   """Every cache the package writes (downloads, XLA compiles, microbatch decisions) goes to a
-  fresh folder: tests neither read the user's ~/.cache nor leave anything in it."""
+  fresh folder: tests neither read the user's ~/.cache nor leave anything in it.
+
+  The persistent compilation cache is on for the whole session, in that folder's xla/ (where
+  `pipeline.run` and the `main.py` subprocesses put theirs too, through $TWODQUANT_CACHE): a
+  network compiled again (after `jax.clear_caches()`, in another jitted function, in a
+  subprocess) is loaded instead. It starts empty, so every session compiles everything once."""
   old = os.environ.get("TWODQUANT_CACHE")
   os.environ["TWODQUANT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+  compile_cache.enable(compile_cache.DEFAULT)
   yield
   if old is None:
     os.environ.pop("TWODQUANT_CACHE", None)

@@ -246,6 +246,7 @@ def test_uninterrupted_run(uninterrupted):
   final, info, workdir = uninterrupted
   assert info["steps_run"] == 40 and info["resumed_from"] is None
   assert np.isfinite(info["final_loss"]) and info["steps_per_s"] > 0
+  assert 0 < info["compile_seconds"] < info["first_step_seconds"]
   assert [v["step"] for v in info["validation"]] == [20, 40]
   assert all(np.isfinite(v["psnr"]) for v in info["validation"])
   assert _log_steps(workdir) == list(range(1, 41))

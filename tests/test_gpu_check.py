@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 
+import numpy as np
 import pytest
 
 from shared_paths import REPO_ROOT
@@ -23,7 +24,7 @@ def test_gpu_check_smoke(shared, tmp_path):
   out = json.loads(lines[0])
   assert proc.returncode == 0, json.dumps(out, indent=1)[:3000]
   assert out["smoke"] is True and out["backend"] == "cpu"
-  sections = ("fp_parity", "dobi", "dqc_speed", "pipeline")
+  sections = ("fp_parity", "dobi", "dqc_speed", "compiler_options", "pipeline")
   assert all(out[s]["ok"] for s in sections), {s: out[s].get("error") for s in sections}
   par = out["fp_parity"]
   # XLA:CPU computes float32 matmuls in full float32 at either precision: both match PyTorch.
@@ -37,12 +38,20 @@ def test_gpu_check_smoke(shared, tmp_path):
   info = dqc["microbatch_info"]  # auto microbatch: a divisor of the batch whose step fits
   assert info["microbatch"] == dqc["microbatch"] and dqc["batch"] % dqc["microbatch"] == 0
   assert 0 < info["bytes"] <= info["limit_bytes"], info
-  pipe = out["pipeline"]
-  assert pipe["method"] == "dobi"
-  stages = pipe["stages"]  # DOBI calibrates and evaluates, and runs no DQC
-  assert stages["dqc_s"] is None and pipe["dqc_steps_per_s"] is None
+  opts = out["compiler_options"]  # each candidate against the defaults, from one lowering
+  assert set(opts["options"]) == {"default", "fast_compile"}, opts["options"]
+  for part in ("dqc", "eval_fp", "eval_quant"):
+    assert all(opts[part][k]["compile_s"] > 0 for k in opts["options"]), opts[part]
+  assert opts["dqc"]["fast_compile"]["median_step_s"] > 0
+  assert opts["eval_fp"]["fast_compile"]["median_call_s"] > 0
+  pipe = out["pipeline"]  # 2DQuant end to end: DOBI start, DQC, evaluation, from a cold cache
+  assert pipe["method"] == "2dquant" and pipe["cold_compile_cache"] and pipe["dqc_steps"] == 2
+  stages = pipe["stages"]
+  assert pipe["dqc_steps_per_s"] > 0 and np.isfinite(pipe["dqc_final_loss"])
   assert 0 < stages["calibration_s"] < stages["total_s"], stages
+  assert 0 < stages["dqc_compile_s"] < stages["dqc_s"] < stages["total_s"], stages
   assert 0 < stages["eval_s"] < stages["total_s"], stages
+  assert stages["eval_compiles"] >= 1 and 0 < stages["eval_compile_s"] < stages["eval_s"], stages
   assert set(pipe["datasets"]) == {"Set5", "Set14", "B100"}
   assert all(d["psnr"] > 10 for d in pipe["datasets"].values()), pipe["datasets"]
   assert all(0 < out[s]["wall_s"] <= out["wall_s"] for s in sections), out

@@ -31,7 +31,8 @@ def _tree_max_diff(a, b) -> float:
 
 def _minmax(model_kw: dict, params, x) -> dict:
   """Min/max bounds of every quantizer input on x (realistic ranges: few clipped values)."""
-  seen = SwinIR(mode="capture", **model_kw).apply({"params": params}, x, mutable=["calib"])[1]
+  seen = jax.jit(lambda p, x: SwinIR(mode="capture", **model_kw).apply(
+      {"params": p}, x, mutable=["calib"])[1])(params, x)
   inputs = qnames.leaves_by_name(seen["calib"], "input")
   return jax.tree_util.tree_map(jnp.asarray, qnames.dict_to_tree(
       {k: [float(jnp.min(v)), float(jnp.max(v))] for k, v in inputs.items()}))
@@ -41,7 +42,10 @@ def _minmax(model_kw: dict, params, x) -> dict:
 def tiny():
   """(params, bounds, x) of the small network, seeded."""
   x = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 16, 16, 3)), jnp.float32)
-  params = SwinIR(**ARCH).init(jax.random.key(1), x)["params"]
+  # Jitted without LLVM optimisation: random test data, run once (eagerly some 20 CPU s, most
+  # of it one compile per op; optimised, the PRNG's code generation takes 9 CPU s).
+  init = jax.jit(SwinIR(**ARCH).init, compiler_options={"xla_backend_optimization_level": 0})
+  params = init(jax.random.key(1), x)["params"]
   return params, _minmax(ARCH, params, x), x
 
 

@@ -28,3 +28,31 @@ def enable(cache_dir: str) -> Path | None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   return path
+
+
+# Compiler options, per use and backend kind, in one place. Only measured choices are set:
+# - evaluation on a GPU turns XLA's GEMM autotuning off: an evaluation runs each compiled shape a
+#   handful of times, so autotuned kernels never pay back their search (an H200, matmul precision
+#   'highest': 25-27 s -> 9-10 s per compile, calls 3-4 -> 4-7 ms; docs/measured/gpu/);
+# - the DQC step (compiled once, run thousands of times) keeps the defaults on every backend;
+# - XLA:CPU: none of the backend options tried lowers the compile (docs/measured/compile-options.md).
+COMPILER_OPTIONS = {("eval", "gpu"): {"xla_gpu_autotune_level": 0}}
+
+# What `gpu_check.sh --only compiler_options` compares against the defaults, per backend kind
+# (`benchmarks/compile_options.py` tries more on the CPU).
+CANDIDATE_OPTIONS = {
+    "gpu": {"autotune_off": {"xla_gpu_autotune_level": 0}},
+    "cpu": {"fast_compile": {"xla_cpu_opt_preset": "CPU_OPT_PRESET_FAST_COMPILE"}},
+}
+
+
+def backend_kind(backend: str | None = None) -> str:
+  """'gpu' for CUDA / ROCm, else the backend's name ('cpu', 'tpu')."""
+  backend = backend or jax.default_backend()
+  return "gpu" if backend in ("gpu", "cuda", "rocm") else backend
+
+
+def compiler_options(use: str, backend: str | None = None) -> dict | None:
+  """The compiler options for `use` ('eval' or 'train') on `backend` (default: jax's), or None
+  for XLA's defaults; pass to `jax.jit(..., compiler_options=...)`."""
+  return COMPILER_OPTIONS.get((use, backend_kind(backend)))

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from twodquant_jax import compile_cache
 from twodquant_jax.eval import metrics
 from twodquant_jax.data.benchmarks import BenchmarkImage
 from twodquant_jax.data.images import to_uint8
@@ -98,18 +99,10 @@ def stitch(outs: Sequence[np.ndarray], boxes: Sequence[tuple[int, int]], hw: tup
   return (out / weight).astype(np.float32)
 
 
-# On a GPU each distinct padded image size compiles the whole network: 25-27 s on an H200 at
-# matmul_precision 'highest', most of it XLA's GEMM autotuning. An evaluation runs each compiled
-# size a handful of times, so autotuned kernels never pay back their search: without it 9-10 s
-# per size, 0.004-0.007 s per call instead of 0.003-0.004 s (gpu_check fp_parity on an H200,
-# docs/measured/gpu/). Training steps (compiled once, run thousands of times) keep it.
-EVAL_GPU_COMPILER_OPTIONS = {"xla_gpu_autotune_level": 0}
-
-
 def eval_jit(fn: Callable) -> Callable:
-  """jax.jit for evaluation calls: no GEMM autotuning on a GPU (see above); plain jit elsewhere."""
-  gpu = jax.default_backend() in ("gpu", "cuda", "rocm")
-  return jax.jit(fn, compiler_options=EVAL_GPU_COMPILER_OPTIONS if gpu else None)
+  """jax.jit with the evaluation compiler options of this backend (`compile_cache`: no GEMM
+  autotuning on a GPU, XLA's defaults elsewhere)."""
+  return jax.jit(fn, compiler_options=compile_cache.compiler_options("eval"))
 
 
 @functools.lru_cache(maxsize=None)

@@ -73,6 +73,7 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
 
   Returns:
     (final bounds, info) with info keys steps, steps_run, seconds, steps_per_s,
+    compile_seconds (the step's lowering and compile alone; a persistent-cache hit is quick),
     first_step_seconds (compile + one step), final_loss, resumed_from, devices, validation,
     records (every dqc_log.jsonl record of the run, resumed steps included; process 0 only).
 
@@ -109,7 +110,7 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
   bar = Progress(settings.steps, "DQC (compiling)", initial=start, every_s=loop.progress_every_s,
                  bar=None if progress else False)
   t0 = time.perf_counter()
-  first_step_seconds = t_after_first = None
+  first_step_seconds = t_after_first = compile_seconds = None
 
   def finish(step: int, state: DQCState, metrics: Mapping) -> None:
     """Host side of completed step `step`: finiteness, log, progress, validation, checkpoint.
@@ -155,7 +156,7 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
     for k in range(start, settings.steps):
       batch = next(stream)
       if k == start:
-        _compile_and_meet(step_fn, state, batch, params)
+        step_fn, compile_seconds = _compile_and_meet(step_fn, state, batch, params)
       new_state, metrics = step_fn(state, batch, params)
       if pending is not None:
         finish(*pending)  # overlaps with step k running on the device
@@ -186,7 +187,8 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
     logging.info("DQC: checkpoint already at step %d of %d; nothing to train", start,
                  settings.steps)
   info = {"steps": settings.steps, "steps_run": steps_run, "seconds": time.perf_counter() - t0,
-          "steps_per_s": rate, "first_step_seconds": first_step_seconds,
+          "steps_per_s": rate, "compile_seconds": compile_seconds,
+          "first_step_seconds": first_step_seconds,
           "final_loss": final_loss, "resumed_from": resumed_from,
           "devices": [str(d) for d in mesh.devices.flat], "batch_size": loop.batch_size,
           "loss": settings.loss, "schedule": settings.schedule, "validation": validation,
@@ -194,17 +196,21 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
   return jax.device_get(state.quant), info
 
 
-def _compile_and_meet(step_fn, state: DQCState, batch: jax.Array, params: Mapping) -> None:
-  """Multi-process: compiles the step ahead (the jitted call reuses the executable), then waits
-  for every process to have compiled it, so the first step's collectives start together
-  however far apart the compiles finish (see `distributed.meet`). Nothing with one process."""
-  if jax.process_count() == 1:
-    return
+def _compile_and_meet(step_fn, state: DQCState, batch: jax.Array, params: Mapping
+                      ) -> tuple[Callable, float]:
+  """Compiles the step ahead of its first call, timed alone (results.json's compile_seconds),
+  and returns (the compiled step, seconds). Multi-process: then waits for every process to have
+  compiled it, so the first step's collectives start together however far apart the compiles
+  finish (see `distributed.meet`)."""
+  logging.info("DQC: compiling the step")
   t0 = time.perf_counter()
-  step_fn.lower(state, batch, params).compile()
-  logging.info("DQC: step compiled in %.1f s; waiting for the other processes",
-               time.perf_counter() - t0)
-  distributed.meet("dqc step compiled")
+  compiled = step_fn.lower(state, batch, params).compile()
+  seconds = time.perf_counter() - t0
+  logging.info("DQC: step compiled in %.1f s", seconds)
+  if jax.process_count() > 1:
+    logging.info("DQC: waiting for the other processes to compile")
+    distributed.meet("dqc step compiled")
+  return compiled, seconds
 
 
 def _resume(manager, state: DQCState, identity: Mapping, steps: int, sharding
