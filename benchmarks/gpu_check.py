@@ -284,6 +284,47 @@ def planned_steps(prev: dict, budget_s: float) -> tuple[int, dict]:
   return max(100, min(3000, steps)), {k: round(v, 1) for k, v in est.items()}
 
 
+# What each section reads from the shared folder (data/calib: a prefix of its sorted images).
+SECTION_FILES = {
+    "fp_parity": ["reference/parity_x4_random.npz", "reference/swinir_light_x4_random.pth"],
+    "dobi": ["reference/calib_x4.npz", "reference/standin_x4.pth"],
+    "dqc_speed": ["reference/calib_x4.npz", "reference/standin_x4.pth"],
+    "compiler_options": ["reference/calib_x4.npz", "reference/standin_x4.pth"],
+    "pipeline": ["reference/standin_x4.pth", "data/benchmarks/Set5", "data/benchmarks/Set14",
+                 "data/benchmarks/B100", "data/calib"],
+}
+
+
+def prepare_shared(src: Path, dest: Path, sections: list[str], limit_mb: float) -> dict:
+  """Copies what `sections` read from `src` into `dest` (the repo's shared/, which the GPU
+  machine's tool carries, within `limit_mb` with the repo): every file, and as many of
+  data/calib's sorted images as still fit (at least 32, for DOBI's 32 patches)."""
+  import shutil
+  paths = sorted({p for s in sections for p in SECTION_FILES[s]})
+  files = [f for p in paths if p != "data/calib"
+           for f in ([src / p] if (src / p).is_file() else sorted((src / p).rglob("*")))
+           if f.is_file()]
+  used = sum(f.stat().st_size for f in files)
+  calib = []
+  if "data/calib" in paths:
+    room = limit_mb * 2 ** 20 - used
+    for f in sorted((src / "data" / "calib").glob("*.png")):
+      if f.stat().st_size > room:
+        break
+      calib.append(f)
+      room -= f.stat().st_size
+    if len(calib) < 32:
+      raise SystemExit(f"--prepare_shared: only {len(calib)} calibration images fit in "
+                       f"{limit_mb} MB; raise --prepare_limit_mb or run fewer sections")
+  for f in files + calib:
+    target = dest / f.relative_to(src)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(f, target)
+  size = sum(f.stat().st_size for f in files + calib)
+  return {"dest": str(dest), "files": len(files) + len(calib), "calib_images": len(calib),
+          "mb": round(size / 2 ** 20, 1)}
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--smoke", action="store_true", help="CPU-sized run (CI)")
@@ -308,6 +349,12 @@ def main(argv=None) -> int:
   ap.add_argument("--json_out", default="",
                   help="also write the JSON here, rewritten after every section (a run cut "
                        "short by a time limit keeps the finished sections)")
+  ap.add_argument("--prepare_shared", default="",
+                  help="copy what the --only sections read from the shared folder into this "
+                       "folder (e.g. shared, the repo's), then exit; run before the GPU call")
+  ap.add_argument("--prepare_limit_mb", type=float, default=62.0,
+                  help="size limit of --prepare_shared's copy (the GPU tool carries 64 MiB "
+                       "with the repo); data/calib is cut to fit")
   args = ap.parse_args(argv)
   from twodquant_jax import host_runtime
   host_runtime.apply(host_runtime.HostSettings())  # as main.py: the default allocator, first thing
@@ -315,6 +362,12 @@ def main(argv=None) -> int:
   bad = [s for s in wanted if s not in SECTIONS]
   if bad:
     ap.error(f"unknown sections {bad}; choose from {SECTIONS}")
+  if args.prepare_shared:
+    src, dest = find_shared(args.shared), Path(args.prepare_shared).resolve()
+    if src == dest:
+      ap.error(f"--prepare_shared: {dest} is the source; pass --shared=<the full shared folder>")
+    print(json.dumps(prepare_shared(src, dest, wanted, args.prepare_limit_mb)))
+    return 0
   t_start = time.perf_counter()
   plan = None
   if args.plan_from and args.budget_s > 0:
