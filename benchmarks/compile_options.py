@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from compile_speed import _cpu_timed, _load, _setup, _timed
+from compile_speed import _cpu_timed, _load, _setup, _timed, add_args
 from twodquant_jax import host_runtime
 from twodquant_jax.eval import predict
 from twodquant_jax.ptq.dqc import step as dqc_step
@@ -118,16 +118,9 @@ def eval_compare(params, quant, mode: str, sets: dict, *, scale: int, bits: int,
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--batch", type=int, default=4)
-  ap.add_argument("--lr_size", type=int, default=64)
-  ap.add_argument("--scale", type=int, default=4)
-  ap.add_argument("--bits", type=int, default=2)
-  ap.add_argument("--steps", type=int, default=4)
-  ap.add_argument("--remat", action="store_true", help="config dqc.remat")
+  add_args(ap, steps=4)
   ap.add_argument("--scan", action="store_true", help="scan_blocks (pairs and RSTBs)")
-  ap.add_argument("--parts", default="dqc,eval_fp,eval_quant")
   ap.add_argument("--options", default="all", help="comma-separated OPTION_SETS keys")
-  ap.add_argument("--out", default="")
   args = ap.parse_args()
   keys = list(OPTION_SETS) if args.options == "all" else ["default"] + [
       k for k in args.options.split(",") if k != "default"]

@@ -148,16 +148,21 @@ def _eval(args, params, quant, mode: str) -> dict:
   return out
 
 
-def main() -> None:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_args(ap: argparse.ArgumentParser, steps: int) -> None:
+  """The arguments this script shares with compile_options.py."""
   ap.add_argument("--batch", type=int, default=4)
   ap.add_argument("--lr_size", type=int, default=64)
   ap.add_argument("--scale", type=int, default=4)
   ap.add_argument("--bits", type=int, default=2)
-  ap.add_argument("--steps", type=int, default=5)
+  ap.add_argument("--steps", type=int, default=steps)
   ap.add_argument("--remat", action="store_true", help="config dqc.remat")
   ap.add_argument("--parts", default="dqc,eval_fp,eval_quant")
   ap.add_argument("--out", default="")
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  add_args(ap, steps=5)
   args = ap.parse_args()
   host = host_runtime.apply(host_runtime.HostSettings("auto", 0, dqc_batch=args.batch))
   lr = np.random.default_rng(0).integers(0, 256, (args.batch, args.lr_size, args.lr_size, 3),

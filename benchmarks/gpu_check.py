@@ -136,14 +136,7 @@ def dqc_speed(shared: Path, smoke: bool) -> dict:
   settings = run_settings.dqc_settings(get_config(scale=4, bits=2), dict(TINY_ARCH) if smoke
                                        else None)
   assert settings.microbatch == run_settings.AUTO_MICROBATCH
-  if smoke:
-    params = jax.jit(dqc_step.model_for(settings, "fp").init)(
-        jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
-  else:
-    params = _params(shared / "reference" / "standin_x4.pth")
-  lr = np.load(shared / "reference" / "calib_x4.npz")["lr"]
-  lr = np.resize(lr[:, :lr_size, :lr_size], (batch, lr_size, lr_size, 3)).astype(np.uint8)
-  quant = _minmax_bounds(settings, params, lr)
+  params, lr, quant = _dqc_inputs(shared, smoke, settings, batch, lr_size)
   mesh = dqc_step.data_mesh()
   from jax.sharding import NamedSharding, PartitionSpec as P
   repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(dqc_step.DATA_AXIS))
@@ -178,20 +171,12 @@ def compiler_options(shared: Path, smoke: bool) -> dict:
   import compile_options as co
   from twodquant_jax import compile_cache
   from twodquant_jax import settings as run_settings
-  from twodquant_jax.ptq.dqc import step as dqc_step
   sets = {"default": {}, **compile_cache.CANDIDATE_OPTIONS.get(compile_cache.backend_kind(), {})}
   batch, lr_size, steps = (2, 16, 2) if smoke else (32, 64, 10)
   arch = dict(TINY_ARCH) if smoke else None
   settings = dataclasses.replace(
       run_settings.dqc_settings(get_config(scale=4, bits=2), arch), microbatch=0, steps=steps + 2)
-  if smoke:
-    params = jax.jit(dqc_step.model_for(settings, "fp").init)(
-        jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
-  else:
-    params = _params(shared / "reference" / "standin_x4.pth")
-  lr = np.load(shared / "reference" / "calib_x4.npz")["lr"]
-  lr = np.resize(lr[:, :lr_size, :lr_size], (batch, lr_size, lr_size, 3)).astype(np.uint8)
-  quant = _minmax_bounds(settings, params, lr)
+  params, lr, quant = _dqc_inputs(shared, smoke, settings, batch, lr_size)
   out = {"options": sets, "dqc_settings": {"batch": batch, "lr_size": lr_size,
                                             "remat": settings.remat, "arch": settings.arch}}
   with jax.default_matmul_precision("highest"):
@@ -200,6 +185,20 @@ def compiler_options(shared: Path, smoke: bool) -> dict:
       out[f"eval_{mode}"] = co.eval_compare(params, quant, mode, sets, scale=4, bits=2,
                                             lr_size=16 if smoke else 128, arch=settings.arch)
   return out
+
+
+def _dqc_inputs(shared: Path, smoke: bool, settings, batch: int, lr_size: int):
+  """(params, uint8 LR batch from calib_x4.npz, min/max bounds): the stand-in x4 weights, or in
+  smoke mode a random network of `settings.arch`."""
+  from twodquant_jax.ptq.dqc import step as dqc_step
+  if smoke:
+    params = jax.jit(dqc_step.model_for(settings, "fp").init)(
+        jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"]
+  else:
+    params = _params(shared / "reference" / "standin_x4.pth")
+  lr = np.load(shared / "reference" / "calib_x4.npz")["lr"]
+  lr = np.resize(lr[:, :lr_size, :lr_size], (batch, lr_size, lr_size, 3)).astype(np.uint8)
+  return params, lr, _minmax_bounds(settings, params, lr)
 
 
 def _minmax_bounds(settings, params, lr: np.ndarray) -> dict:
