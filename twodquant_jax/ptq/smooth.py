@@ -34,9 +34,15 @@ _INPUTS = {"qkv": ("attn", "qkv", "q", "act_quantizer"), "fc1": ("mlp", "fc1", "
 _S_RANGE = (1e-4, 1e4)  # a dead channel (max 0) must not blow a scale up
 
 
+def as_unit(lr: np.ndarray) -> jnp.ndarray:
+  """LR patches as float32 in [0, 1]: uint8 ones (the pipeline's calibration batch) / 255."""
+  lr = np.asarray(lr)
+  return jnp.asarray(lr.astype(np.float32) / 255.0 if lr.dtype == np.uint8 else lr, jnp.float32)
+
+
 def channel_absmax(student: Student, scale: int, bits: int, lr: np.ndarray) -> dict:
   """{block path: {kind: max |x_j| per input channel}} of the qkv, fc1 and proj inputs, from one
-  capture pass of `student` on lr (N, h, w, 3) in [0, 1]. Reduced inside the jit, so only the
+  capture pass of `student` on lr (N, h, w, 3) (`as_unit`). Reduced inside the jit, so only the
   per-channel maxima leave it."""
   module = student.module(scale, "capture", bits)
   paths = [p for _, p in block_paths(student.params)]
@@ -48,7 +54,7 @@ def channel_absmax(student: Student, scale: int, bits: int, lr: np.ndarray) -> d
         -1, subtree(calib, p + q)["input"].shape[-1]), axis=0) for k, q in _INPUTS.items()}
             for p in paths]
 
-  out = run(student.variables(), jnp.asarray(lr, jnp.float32))
+  out = run(student.variables(), as_unit(lr))
   return {p: {k: f64(v) for k, v in m.items()} for p, m in zip(paths, out)}
 
 
@@ -84,7 +90,8 @@ def smooth(student: Student, lr: np.ndarray, scale: int, bits: int,
            alpha: float = DEFAULT_ALPHA) -> Student:
   """The student with SmoothQuant scalings (module doc) folded in; its FP output is unchanged.
 
-  lr: calibration LR patches (N, h, w, 3) in [0, 1] on which the input ranges are measured.
+  lr: calibration LR patches (N, h, w, 3), uint8 or in [0, 1], on which the input ranges are
+  measured.
   """
   if not 0.0 <= alpha <= 1.0:
     raise ValueError(f"smooth_alpha must lie in [0, 1], got {alpha}")
