@@ -7,10 +7,10 @@ On the stand-in x4 weights and 8 calibration patches, for every Swin block and e
 with per-tensor bounds of each quantizer from the MSE-best clipping (the DOBI search: symmetric,
 one-sided for the post-GELU fc2 input, as the calibration does), it reports the signal-to-error
 ratio (dB, higher is better; bias left out: it adds no error). Variants: the plain student,
-rotated (every kind: each row shows its own kind, qkv/fc1/fc2 for the linears, attn_qk for q.k,
-attn_v for A.v and proj), smoothed (alpha 0.5), smoothed then rotated. It also reports, per
-quantizer kind, the median kurtosis and max|x - mean| / std of the tensors. DEFAULT_KINDS of
-ptq/rotation.py is picked from the 'rotated - plain' column.
+each rotation kind alone (measured on the rows whose tensors it changes), smoothed (alpha 0.5),
+and smoothed then rotated with DEFAULT_KINDS. It also reports, per quantized tensor, the median
+kurtosis and max|x - mean| / std. DEFAULT_KINDS of ptq/rotation.py is picked from the
+'rotated - plain' column (the kinds whose rows gain in sum).
 
   PYTHONPATH=$PWD:$PWD/benchmarks python benchmarks/rotation_probe.py \
       --out=docs/measured/rotation.json --md=docs/measured/rotation.md
@@ -160,6 +160,7 @@ def main(_):
   variants = {"plain": (base, ROWS), "smoothed": (smoothed, ROWS)}
   for kind in rotation.KINDS:
     variants[f"rotated {kind}"] = (rotation.rotate(base, key, (kind,)), AFFECTS[kind])
+  variants["smoothed+rotated"] = (rotation.rotate(smoothed, key, rotation.DEFAULT_KINDS), ROWS)
   result = {"bits": FLAGS.bits, "patches": FLAGS.patches, "seed": FLAGS.seed,
             "search_sample": FLAGS.search_sample, "variants": {}}
   for name, (student, rows) in variants.items():
@@ -182,6 +183,7 @@ def main(_):
               for r in AFFECTS[k]} for k in rotation.KINDS}
   result["rotation_gain_db"] = gain
   result["kinds_that_pay"] = [k for k in rotation.KINDS if sum(gain[k].values()) > 0]
+  result["default_kinds"] = list(rotation.DEFAULT_KINDS)
   result["seconds"] = time.perf_counter() - t0
   files.write_json(Path(FLAGS.out), result)
   Path(FLAGS.md).write_text(markdown(result))
@@ -203,8 +205,10 @@ def markdown(r: dict) -> str:
            "output in dB (higher is better), mean over the 24 blocks. Each rotation kind is "
            "applied alone and measured on the rows it changes; smoothing is SmoothQuant with "
            f"alpha 0.5 (no smoothing of fc2: GELU). Took {r['seconds']:.0f} s.", "",
-           "| layer | plain | kind | rotated | rotated - plain | smoothed | smoothed - plain |",
-           "|---|---:|---|---:|---:|---:|---:|"]
+           "| layer | plain | kind | rotated | rotated - plain | smoothed | smoothed - plain "
+           "| smoothed + rotated (default kinds) | - plain |",
+           "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+  both = v["smoothed+rotated"]["sqnr_db_mean"]
   for row in ROWS:
     for kind in rotation.KINDS:
       if row not in AFFECTS[kind]:
@@ -212,19 +216,23 @@ def markdown(r: dict) -> str:
       rot = v[f"rotated {kind}"]["sqnr_db_mean"][row]
       lines.append(f"| {row} | {plain_db[row]:.2f} | {kind} | {rot:.2f} | "
                    f"{rot - plain_db[row]:+.2f} | {smooth_db[row]:.2f} | "
-                   f"{smooth_db[row] - plain_db[row]:+.2f} |")
+                   f"{smooth_db[row] - plain_db[row]:+.2f} | {both[row]:.2f} | "
+                   f"{both[row] - plain_db[row]:+.2f} |")
   lines += ["", "Net gain of each kind over the rows it changes (dB): " + ", ".join(
       f"{k} {sum(g.values()):+.2f}" for k, g in r["rotation_gain_db"].items()) + ".",
-            f"Kinds that pay: {', '.join(r['kinds_that_pay']) or 'none'}.", "",
+            f"Kinds that pay: {', '.join(r['kinds_that_pay']) or 'none'} "
+            f"(DEFAULT_KINDS of ptq/rotation.py: {', '.join(r['default_kinds'])}).", "",
             "Per quantized tensor, the median over the 24 blocks of kurtosis / max|x - mean| "
             "over std (x_: linear inputs, q k v: attention operands, w_: weights); a rotated "
             "column shows the tensors its kind changes:", "",
-            "| tensor | plain | smoothed | rotated (kind) |", "|---|---:|---:|---:|"]
+            "| tensor | plain | smoothed | smoothed + rotated | rotated (kind) |",
+            "|---|---:|---:|---:|---:|"]
   fmt = lambda n, s: f"{v[n]['kurtosis_median'][s]:.2f} / {v[n]['max_over_std_median'][s]:.2f}"
   for s in STAT_NAMES:
     rot = [f"{fmt(f'rotated {k}', s)} ({k})" for k in rotation.KINDS
            if s in TENSORS_OF[k]]
-    lines.append(f"| {s} | {fmt('plain', s)} | {fmt('smoothed', s)} | {'; '.join(rot)} |")
+    lines.append(f"| {s} | {fmt('plain', s)} | {fmt('smoothed', s)} | "
+                 f"{fmt('smoothed+rotated', s)} | {'; '.join(rot)} |")
   return "\n".join(lines) + "\n"
 
 

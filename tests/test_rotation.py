@@ -132,15 +132,19 @@ def test_capture_sees_rotated_inputs(tiny):
 
 
 def test_smoothing_balances_channels(tiny):
-  """alpha = 0.5: after the fold, each input channel's max |x_j| equals its weight row's max."""
+  """alpha = 0.5: after the fold, each input channel's max |x_j| equals its weight row's max
+  (for qkv, the rows as they were before v's columns took proj's scaling)."""
   student, x = tiny
   s = smooth.smooth(student, np.asarray(x), 4, 2, alpha=0.5)
   absmax = smooth.channel_absmax(s, 4, 2, np.asarray(x))
   before = smooth.channel_absmax(student, 4, 2, np.asarray(x))
   for path, kinds in absmax.items():
-    blk = rotation.subtree(s.params, path)
-    kernels = {"qkv": blk["attn"]["qkv"]["kernel"], "fc1": blk["mlp"]["fc1"]["kernel"],
-               "proj": blk["attn"]["proj"]["kernel"]}
+    blk, old = rotation.subtree(s.params, path), rotation.subtree(student.params, path)
+    qkv = np.array(blk["attn"]["qkv"]["kernel"])
+    c = qkv.shape[0]
+    qkv[:, 2 * c:] *= smooth.smoothing_scales(before[path]["proj"], old["attn"]["proj"]["kernel"],
+                                              0.5)
+    kernels = {"qkv": qkv, "fc1": blk["mlp"]["fc1"]["kernel"], "proj": blk["attn"]["proj"]["kernel"]}
     for kind, ax in kinds.items():
       aw = np.max(np.abs(np.asarray(kernels[kind])), axis=1)
       np.testing.assert_allclose(ax, aw, rtol=1e-4)
