@@ -187,19 +187,33 @@ class FakeQuant(nn.Module):
     return fake_quant(x, bounds.value[0], bounds.value[1], self.bits)
 
 
+ROTATION = "rotation"  # collection of the run-time input rotations (`rotate_input`)
+
+
+def rotate_input(module: nn.Module, x: jnp.ndarray) -> jnp.ndarray:
+  """x @ R with `module`'s orthogonal 'rotation' matrix R (in, in): a float op in every mode,
+  before the input quantizer (as LayerNorm is); the weight holds R^T W (ptq/rotation.py)."""
+  eye = lambda: jnp.eye(x.shape[-1], dtype=jnp.float32)
+  return linear(x, module.variable(ROTATION, "matrix", eye).value)
+
+
 class QuantDense(nn.Module):
   """A Dense layer (torch Linear layout transposed) with weight and input-activation quantizers.
 
-  Parameters 'kernel' (in, out) and 'bias' match the official checkpoint's linear layers.
+  Parameters 'kernel' (in, out) and 'bias' match the official checkpoint's linear layers. With
+  `rotate`, the input is first rotated (`rotate_input`).
   """
   features: int
   mode: str = "fp"
   bits: int = 4
+  rotate: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
     bias = self.param("bias", nn.initializers.zeros, (self.features,))
+    if self.rotate:
+      x = rotate_input(self, x)
     x = FakeQuant(self.mode, self.bits, name="act_quantizer")(x)
     kernel = FakeQuant(self.mode, self.bits, name="weight_quantizer")(kernel)
     return _dense(x, kernel) + bias
@@ -228,12 +242,15 @@ class QuantQKV(nn.Module):
   features: int
   mode: str = "fp"
   bits: int = 4
+  rotate: bool = False  # one input rotation shared by q, k and v (`rotate_input`)
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> Sequence[jnp.ndarray]:
     dim = x.shape[-1]
     kernel = self.param("kernel", nn.initializers.lecun_normal(), (dim, 3 * self.features))
     bias = self.param("bias", nn.initializers.zeros, (3 * self.features,))
+    if self.rotate:
+      x = rotate_input(self, x)
     if self.mode == "fp":
       out = x @ kernel + bias
       return tuple(out[..., i * self.features:(i + 1) * self.features] for i in range(3))
