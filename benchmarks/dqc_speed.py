@@ -63,13 +63,14 @@ def _minmax_bounds(settings: dqc_step.DQCSettings, params: dict, x: np.ndarray) 
                                for k, v in seen.items()})
 
 
-def _memory(compiled, before: dict, compiled_rss: dict, after: dict, mesh, rounds: int) -> dict:
+def _memory(compiled, before: dict, compiled_rss: dict, after: dict, mesh, rounds: int,
+            remat: bool) -> dict:
   """Resident sizes around the step (GB) and what ptq/dqc/memory.py would plan for it."""
   gb = lambda b: round(b / 1e9, 3)
   m = compiled.memory_analysis()
   need = dqc_memory.compiled_bytes(compiled)
   local = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
-  budget = dqc_memory.host_budget(local, resident=before["rss"])
+  budget = dqc_memory.host_budget(local, resident=before["rss"], remat=remat)
   return {"rss_before_gb": gb(before["rss"]), "peak_before_gb": gb(before["peak"]),
           "rss_compiled_gb": gb(compiled_rss["rss"]), "peak_compiled_gb": gb(compiled_rss["peak"]),
           "rss_after_gb": gb(after["rss"]), "peak_gb": gb(after["peak"]),
@@ -172,7 +173,7 @@ def main() -> None:
       "loss_finite": bool(m["finite"]),
       "memory": _memory(new["compiled"], before, new["compiled_rss"], after, mesh,
                         rounds=args.batch // dqc_step.microbatch_size(args.batch, args.microbatch)
-                        if args.microbatch else 1),
+                        if args.microbatch else 1, remat=args.remat),
   }
   if "old" in runs:
     old = runs["old"]

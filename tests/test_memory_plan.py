@@ -172,3 +172,13 @@ def test_an_explicit_microbatch_that_cannot_fit_stops_naming_the_setting():
     dqc_memory.check_explicit(settings, 4, dqc_tiny.LR_SIZE, mesh, params, quant, tight)
   msg = str(e.value)
   assert "\n" not in msg and "--config.dqc.microbatch=2" in msg, msg
+
+
+def test_remat_plans_its_smaller_allocator_growth():
+  """Under dqc.remat glibc holds less over the step's (small) buffers: the budget's factor."""
+  env = {dqc_memory.LIMIT_ENV: "3"}
+  plain = dqc_memory.host_budget(2, env, resident=10**9)
+  remat = dqc_memory.host_budget(2, env, resident=10**9, remat=True)
+  kind = "tcmalloc" if plain.factor == dqc_memory.STEP_FACTOR["tcmalloc"] else "glibc"
+  assert remat.factor == dqc_memory.REMAT_STEP_FACTOR[kind] <= plain.factor
+  assert remat.planned(10**9) < plain.planned(10**9) or kind == "tcmalloc"
