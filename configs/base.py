@@ -85,8 +85,10 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   c.dqc.loss = "reference"  # reference: the released code's loss, which gave the paper's numbers | paper: Eq. 4-6
   c.dqc.feature_weight = 5.0  # lambda of the paper loss (the code's weight)
   c.dqc.augment = True
-  # recompute Swin block activations in the backward pass (jax.checkpoint). On the CPU backend
-  # XLA's temp memory did not shrink with it (5.95 GB at batch 4 either way); off by default.
+  # recompute Swin block activations in the backward pass (jax.checkpoint; the block pairs are
+  # then scanned). Batch 4 on CPU: XLA's need 2.69 -> 0.31 GB per device, peak 11.9 -> 2.0 GB,
+  # compile ~2.5x shorter, but each step ~1.3x the CPU time: off by default, on for short runs
+  # or little memory (docs/measured/memory.md#remat).
   c.dqc.remat = False
   # auto: the largest divisor of the batch whose compiled step fits the device memory (XLA's
   # memory analysis against the GPU's bytes_limit, or on CPU the available RAM with headroom);

@@ -153,3 +153,32 @@ def test_the_pipeline_stops_before_dobi_when_the_baseline_is_over_the_limit(monk
   args = dqc_memory._abstract_args(settings, 4, 8, dqc_step.data_mesh(), params,  # pylint: disable=protected-access
                                    variable_shapes(4, "quant", 2)["quant"])
   assert args[1].shape == (4, 8, 8, 3)
+
+
+def test_an_explicit_microbatch_that_cannot_fit_stops_naming_the_setting():
+  """A numeric dqc.microbatch is checked like 'auto' (before DOBI): its compiled step's plan
+  against the limit; over it, one line naming --config.dqc.microbatch; under it, the plan."""
+  import dqc_tiny  # pylint: disable=g-import-not-at-top
+  params, quant = dqc_tiny.tiny_setup()
+  settings = dqc_step.DQCSettings(scale=dqc_tiny.SCALE, bits=dqc_tiny.BITS, microbatch=2,
+                                  arch=tuple(sorted(dqc_tiny.ARCH.items())))
+  mesh = dqc_step.data_mesh()
+  roomy = dqc_memory.Budget(limit=10**12, baseline=10**8, devices=2, factor=2.0, per_round=0.12)
+  info = dqc_memory.check_explicit(settings, 4, dqc_tiny.LR_SIZE, mesh, params, quant, roomy)
+  assert info["microbatch"] == 2 and info["bytes"] > 0
+  assert info["planned_bytes"] == roomy.planned(info["bytes"], rounds=2)
+  tight = dataclasses.replace(roomy, limit=info["planned_bytes"] - 1)
+  with pytest.raises(dqc_memory.MemoryLimitError) as e:
+    dqc_memory.check_explicit(settings, 4, dqc_tiny.LR_SIZE, mesh, params, quant, tight)
+  msg = str(e.value)
+  assert "\n" not in msg and "--config.dqc.microbatch=2" in msg, msg
+
+
+def test_remat_plans_its_smaller_allocator_growth():
+  """Under dqc.remat glibc holds less over the step's (small) buffers: the budget's factor."""
+  env = {dqc_memory.LIMIT_ENV: "3"}
+  plain = dqc_memory.host_budget(2, env, resident=10**9)
+  remat = dqc_memory.host_budget(2, env, resident=10**9, remat=True)
+  kind = "tcmalloc" if plain.factor == dqc_memory.STEP_FACTOR["tcmalloc"] else "glibc"
+  assert remat.factor == dqc_memory.REMAT_STEP_FACTOR[kind] <= plain.factor
+  assert remat.planned(10**9) < plain.planned(10**9) or kind == "tcmalloc"

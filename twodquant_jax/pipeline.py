@@ -356,16 +356,17 @@ def release_memory(stage: str) -> None:
 
 
 def check_dqc_memory(settings: RunSettings, params: dict, ckpt_bounds: dict) -> None:
-  """Before DOBI: when the run trains DQC with dqc.microbatch=auto, plans its microbatch now, so
-  a step that cannot fit the memory stops the run with one line before any work
+  """Before DOBI: when the run trains DQC, plans its microbatch now ('auto') or checks the one set,
+  so a step that cannot fit the memory stops the run with one line before any work
   (ptq/dqc/memory.py; planned again, with the resident size then, when DQC starts)."""
   s = settings
   trains = any(method_registry.REGISTRY[m].dqc for m in s.methods)
-  if (not trains or s.dqc is None or s.loop is None or s.bounds_given or ckpt_bounds
-      or s.dqc.microbatch != dqc_step.AUTO_MICROBATCH):
+  if not trains or s.dqc is None or s.loop is None or s.bounds_given or ckpt_bounds:
     return
   quant = variable_shapes(s.scale, "quant", s.bits)["quant"]
-  dqc_memory.plan(s.dqc, s.loop.batch_size, s.loop.lr_size, dqc_step.data_mesh(), params, quant)
+  check = (dqc_memory.plan if s.dqc.microbatch == dqc_step.AUTO_MICROBATCH
+           else dqc_memory.check_explicit)
+  check(s.dqc, s.loop.batch_size, s.loop.lr_size, dqc_step.data_mesh(), params, quant)
 
 
 def refine(settings: RunSettings, method: str, params: dict, bounds: dict[str, dict],

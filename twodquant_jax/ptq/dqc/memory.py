@@ -15,8 +15,9 @@ need. What is compared with the limit depends on the device:
   use), times HEADROOM.
 
 When even the smallest candidate does not fit, `MemoryLimitError` (a ValueError: main.py prints
-its one line) names what to change; the pipeline asks before DOBI (`check`) and again, with the
-resident size then, before DQC. After a candidate that does not fit, the next one tried is the
+its one line) names what to change; the pipeline asks before DOBI and again, with the resident
+size then, before DQC. A numeric microbatch is checked the same way before DOBI
+(`check_explicit`: its one line names --config.dqc.microbatch). After a candidate that does not fit, the next one tried is the
 largest whose size, extrapolated from the measured bytes per sample, fits (then verified by its
 own compile), so usually one or two compiles decide. The step the loop runs is the ordinary
 jitted one for the chosen microbatch (with the persistent compilation cache on, as in the
@@ -41,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from twodquant_jax import cache, files
 from twodquant_jax.ptq.dqc.step import (AUTO_MICROBATCH, DATA_AXIS, DQCSettings, init_state,
-                                        jit_train_step)
+                                        jit_train_step, microbatch_size)
 
 from twodquant_jax import host_runtime
 
@@ -58,9 +59,17 @@ LIMIT_ENV = "TWODQUANT_MEMORY_LIMIT_GB"
 # a freed buffer that a small block was then cut from no longer fits the next step's, so two
 # steps' buffers alternate); tcmalloc and glibc's own mmap hold ~1.2x (1.17-1.18 measured).
 # Each further microbatch of a step adds ROUND_FACTOR (glibc 'keep', batch 32 in microbatches of
-# 4: 2.67x measured; tcmalloc not measured, given the same).
+# 4, i.e. 8 per step: 2.67x in one run, >= 3.80x in a second (killed at 21.3 GB at step 5, still
+# growing); batch 4 in microbatches of 2: 2.01x. 0.3 plans 1.48x, <= 1.10x and 1.18x of them;
+# tcmalloc not measured, given the same). With dqc.remat the step's XLA need
+# is ~8x smaller (0.31 against 2.69 GB per device at batch 4) and the growth over it 1.36x; the
+# same factor 2.0 then plans 1.40x the peak, inside the 1.5x the planner promises. The tcmalloc
+# factor is not measured: no libtcmalloc on the measuring machine (docs/measured/memory.md).
 STEP_FACTOR = {"glibc": 2.0, "tcmalloc": 1.2}
-ROUND_FACTOR = 0.12
+# Under dqc.remat the step's buffers are small and glibc holds less over them: 1.36x measured at
+# batch 4, <= 1.29x at batch 32 (its peak was DOBI's); 1.4 plans 1.21x and >= 1.14x of them.
+REMAT_STEP_FACTOR = {"glibc": 1.4, "tcmalloc": 1.2}
+ROUND_FACTOR = 0.3
 STEP_MARGIN = 0.4e9
 DECISIONS_FILE = "microbatch.json"
 
@@ -118,7 +127,7 @@ class Budget:
 
 
 def host_budget(local_devices: int, environ: Mapping[str, str] | None = None,
-                resident: int | None = None) -> Budget:
+                resident: int | None = None, remat: bool = False) -> Budget:
   """The CPU budget: the process's limit ($TWODQUANT_MEMORY_LIMIT_GB, else resident now +
   HEADROOM x MemAvailable, else x physical memory) and its resident baseline now."""
   if resident is None:
@@ -131,7 +140,8 @@ def host_budget(local_devices: int, environ: Mapping[str, str] | None = None,
     if avail is None:
       avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     limit, source = int(resident + HEADROOM * avail), "resident + available RAM"
-  factor = STEP_FACTOR["tcmalloc" if host_runtime.loaded_tcmalloc() else "glibc"]
+  factors = REMAT_STEP_FACTOR if remat else STEP_FACTOR
+  factor = factors["tcmalloc" if host_runtime.loaded_tcmalloc() else "glibc"]
   return Budget(limit=limit, baseline=resident, devices=max(1, local_devices), factor=factor,
                 margin=int(STEP_MARGIN), per_round=ROUND_FACTOR, source=source)
 
@@ -144,7 +154,7 @@ def device_memory_bytes(device: jax.Device) -> int:
   return int(HEADROOM * (int(limit) - int(stats.get("bytes_in_use", 0)))) if limit else 0
 
 
-def mesh_budget(mesh: Mesh, limit_bytes: int | None = None) -> Budget:
+def mesh_budget(mesh: Mesh, limit_bytes: int | None = None, remat: bool = False) -> Budget:
   """The budget of a step on `mesh`: the host's (CPU devices of this process share its RAM),
   or one accelerator's memory. `limit_bytes` replaces the limit (tests, callers that know)."""
   dev = mesh.devices.flat[0]
@@ -153,7 +163,7 @@ def mesh_budget(mesh: Mesh, limit_bytes: int | None = None) -> Budget:
     if limit:
       return Budget(limit=limit, source=f"{dev.platform} memory")
   local = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
-  budget = host_budget(local)
+  budget = host_budget(local, remat=remat)
   return dataclasses.replace(budget, limit=int(limit_bytes)) if limit_bytes else budget
 
 
@@ -232,15 +242,43 @@ def _abstract_args(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh, 
           abstract(params, repl))
 
 
-def _too_big(budget: Budget, mb: int, need: int, rounds: int = 1) -> MemoryLimitError:
+def _too_big(budget: Budget, mb: int, need: int, rounds: int = 1,
+             explicit: int | None = None) -> MemoryLimitError:
+  """The one-line stop; `explicit`: the user's numeric dqc.microbatch, which is then named."""
   gb = lambda b: f"{b / 1e9:.1f} GB"
   planned = budget.planned(need, rounds)
   resident = (f"{gb(budget.baseline)} resident now + " if budget.baseline else "")
+  at = (f"at --config.dqc.microbatch={explicit} (microbatch {mb})" if explicit is not None
+        else f"even at microbatch {mb}")
+  change = ("lower --config.dqc.microbatch (or set it to auto), --config.dqc.batch_size or "
+            if explicit is not None else "lower --config.dqc.batch_size or ")
   return MemoryLimitError(
-      f"DQC needs about {gb(planned)} even at microbatch {mb} ({resident}"
+      f"DQC needs about {gb(planned)} {at} ({resident}"
       f"{gb(planned - budget.baseline)} for the step) but the limit is "
-      f"{gb(budget.limit)} ({budget.source}): lower --config.dqc.batch_size or "
+      f"{gb(budget.limit)} ({budget.source}): {change}"
       f"--config.calib.lr_size, or free memory (or raise {LIMIT_ENV})")
+
+
+def check_explicit(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh,
+                   params: Mapping, quant: Mapping, budget: Budget | None = None
+                   ) -> dict[str, Any]:
+  """For a numeric dqc.microbatch (0: the whole batch): its step's plan against `budget`
+  (default: `mesh_budget`), raising MemoryLimitError (one line naming --config.dqc.microbatch)
+  when it cannot fit. Compiles the step once (a persistent-cache hit for the loop later)."""
+  if settings.microbatch == AUTO_MICROBATCH:
+    raise ValueError("check_explicit is for a numeric dqc.microbatch; 'auto' is planned by plan")
+  budget = budget or mesh_budget(mesh, remat=settings.remat)
+  mb = (microbatch_size(batch, settings.microbatch)
+        if 0 < settings.microbatch < batch else batch)
+  args = _abstract_args(settings, batch, lr_size, mesh, params, quant)
+  need = compiled_bytes(jit_train_step(settings, mesh).lower(*args).compile())
+  if not budget.fits(need, batch // mb):
+    raise _too_big(budget, mb, need, batch // mb, explicit=settings.microbatch)
+  info = {"microbatch": mb, "bytes": need, "planned_bytes": budget.planned(need, batch // mb),
+          "limit_bytes": budget.limit, "baseline_bytes": budget.baseline}
+  logging.info("DQC microbatch %d (set): planned %.2f GB (%.2f GB resident + step) of %.2f GB",
+               mb, info["planned_bytes"] / 1e9, budget.baseline / 1e9, budget.limit / 1e9)
+  return info
 
 
 def plan(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh, params: Mapping,
@@ -252,7 +290,7 @@ def plan(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh, params: Ma
   `params` and `quant` (the initial bounds) only give shapes; nothing is computed on them.
   Raises MemoryLimitError (one line) when even the smallest microbatch does not fit.
   """
-  budget = budget or mesh_budget(mesh)
+  budget = budget or mesh_budget(mesh, remat=settings.remat)
   key = _decision_key(settings, batch, lr_size, mesh)
   memo = _memo(key)
   needs = dict(memo.get("needs") or _load_decision(key))
