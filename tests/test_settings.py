@@ -31,6 +31,8 @@ def _config(fields=None, method="2dquant"):
     ({"scale": 5}, "config.scale must be 2, 3 or 4"),
     ({"bits": 9}, "config.bits must be between 2 and 8"),
     ({"method": "fp,nope"}, "config.method must be"),
+    ({"method": "dobi,2dquant+rot", "model.bounds": "b.json"},
+     "config.model.bounds: method '2dquant\\+rot' changes the network"),
     ({"eval.engine": "float"}, "config.eval.engine must be one of"),
     ({"eval.tile": 12}, "config.eval.tile must be a positive multiple of 8"),
     ({"eval.datasets": " , "}, "config.eval.datasets is empty"),
@@ -58,8 +60,8 @@ def test_parse_rejects_each_bad_field_in_one_line(fields, message):
 
 def test_parse_builds_what_a_run_needs():
   s = settings.parse(_config(method="all"))
-  assert s.methods == methods.ALL and s.quantized == methods.QUANTIZED
-  assert set(s.calibrations) == set(methods.QUANTIZED)
+  assert s.methods == methods.ALL and s.quantized == methods.quantized(methods.ALL)
+  assert set(s.calibrations) == set(methods.quantized(methods.ALL))
   assert s.calibrations["2dquant"].method == "dobi"
   assert (s.dqc.scale, s.dqc.bits, s.loop.batch_size) == (4, 2, 32)
   assert s.host == settings.HostSettings("auto", 0, 32) and s.figures is None

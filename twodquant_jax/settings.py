@@ -219,6 +219,7 @@ class EvalSettings:
   save_sr: bool = False
   engine: str = "fake"
   buckets: bool = True  # a few compiled shapes for every image size (eval/predict.py)
+  vs_fp: bool = True  # quantized rows: PSNR against the FP model's SR too (the "vs FP" column)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -541,6 +542,11 @@ def _parse_run(config: ml_collections.ConfigDict, scale: int, bits: int,
       raise ValueError(f"config.model.packed evaluates a quantized model: config.method must "
                        f"name quantized methods only (one of {method_registry.QUANTIZED}), "
                        f"got {config.method!r}")
+  changed = [q for q in quantized if method_registry.REGISTRY[q].changes_network]
+  if m.bounds and changed:
+    raise ValueError(f"config.model.bounds: method {changed[0]!r} changes the network (stages, "
+                     "options or bias correction), so bounds alone cannot rebuild it: evaluate "
+                     "its packed file (config.model.packed) instead")
   dqc = loop = None
   if trains_dqc(config, methods):
     dqc = dataclasses.replace(dqc_settings(config), scale=int(scale), bits=int(bits))
@@ -560,7 +566,7 @@ def _parse_run(config: ml_collections.ConfigDict, scale: int, bits: int,
                         batch_pixels=int(e.batch_pixels), tile=int(e.tile or 0),
                         tile_overlap=int(e.tile_overlap), tile_blend=str(e.tile_blend),
                         save_sr=bool(e.save_sr), engine=str(e.engine),
-                        buckets=bool(e.get("buckets", True))),
+                        buckets=bool(e.get("buckets", True)), vs_fp=bool(e.get("vs_fp", True))),
       calib=CalibSource(str(config.calib.root), str(config.calib.batch_file),
                         int(config.calib.num_patches), int(config.calib.lr_size),
                         bool(config.calib.augment)),
