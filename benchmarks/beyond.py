@@ -10,11 +10,12 @@ a function of (seed, step)); codes stay in [0, 2^b - 1] and the checkpoint is th
   python benchmarks/beyond.py --out=runs/beyond                  # W2, W3, W4, every row
   python benchmarks/beyond.py --bits=2 --rows=2dquant,2dquant++   # a subset
 
-Each bit width runs as one `pipeline.run` in <out>/w<b>/ (one FP evaluation, one capture pass
-per network, DQC checkpoints that a rerun resumes); rows already in <out>/beyond.json are not
+Each row runs as one `pipeline.run` in <out>/w<b>/<row>/ (its DQC checkpoints resume there),
+in the order of --rows, all sharing the checkpoint, benchmarks, calibration batch and the FP SRs
+(made once, kept in <out>/fp_srs.npz for later runs); rows already in <out>/beyond.json are not
 recomputed (delete a row there, or the file, to redo it). Writes <out>/beyond.json and
-<out>/beyond.md. With rot's statistics module present it also prints per-quantizer kurtosis and
-max/std before and after rotation.
+<out>/beyond.md. It also records and prints, per quantizer kind, the kurtosis and max/std of the
+tensors the quantizers see before and after rotation (--statistics).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # configs/ imports `configs.base`
 
+import numpy as np
 from absl import app, flags, logging
 
 from configs import base
@@ -50,6 +52,7 @@ flags.DEFINE_list("datasets", ["Set5", "Set14", "B100"], "Benchmark sets.")
 flags.DEFINE_string("checkpoint", str(SHARED / "reference" / "standin_x4.pth"), "FP weights.")
 flags.DEFINE_string("data_root", str(SHARED / "data" / "benchmarks"), "Benchmark root.")
 flags.DEFINE_string("calib_root", str(SHARED / "data" / "calib"), "Calibration images.")
+flags.DEFINE_bool("statistics", True, "Per-quantizer kurtosis and max/std, plain and rotated.")
 FLAGS = flags.FLAGS
 
 
@@ -119,27 +122,91 @@ def markdown(table: dict) -> str:
       lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " | " + ", ".join(delta)
                    + " |")
     lines.append("")
+  if "statistics" in table:
+    lines += [statistics_markdown(table["statistics"])]
   lines += ["Published x4 W2A2 Set5 PSNR on the official weights (not this stand-in): "
             + ", ".join(f"{n} {v:.2f}" for n, v in PUBLISHED) + " (ANCHORS.md: CompSRT's codes "
             "are not clamped to 2^b levels; 2DQuant and CompSRT select checkpoints on Set5).", ""]
   return "\n".join(lines)
 
 
-def rotation_statistics(bits: int) -> None:
-  """Per-quantizer kurtosis and max/std before and after rotation, when the rotation stage
-  provides them (ptq.rotation.statistics)."""
-  try:
-    from twodquant_jax.ptq import rotation  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    logging.info("no rotation statistics: twodquant_jax.ptq.rotation is not there")
-    return
-  if not hasattr(rotation, "statistics"):
-    logging.info("no rotation statistics: ptq.rotation has no `statistics`")
-    return
+def _kurtosis_max_std(x) -> tuple[float, float]:
+  """(kurtosis, max|x - mean| / std) of a whole tensor, in float64."""
+  x = np.asarray(x, np.float64).ravel()
+  d = x - x.mean()
+  var = float(np.mean(d * d)) or 1e-30
+  return float(np.mean(d ** 4) / var ** 2), float(np.max(np.abs(d)) / np.sqrt(var))
+
+
+def quantizer_statistics(bits: int) -> dict:
+  """Per quantizer kind (e.g. 'mlp.fc1.act_quantizer'), the median over the 24 blocks of the
+  kurtosis and max/std of the tensor it sees, on the plain and on the rotated network (the
+  'rotate' stage as the +rot rows build it, same key and calibration batch): what rotation
+  changes in the quantizers' inputs."""
+  from twodquant_jax.nn import student  # pylint: disable=g-import-not-at-top
+  from twodquant_jax.ptq import dobi, stages  # pylint: disable=g-import-not-at-top
   s = run_settings.parse(config(bits, ["dobi"]))
   params, _, _ = pipeline.load_params(s)
   lr = pipeline.calibration_batch(s)
-  print(rotation.statistics(params, 4, lr))
+  plain = student.plain(params)
+  nets = {"plain": plain,
+          "rotated": stages.apply(("rotate",), plain, pipeline.stage_inputs(s, params, lr))}
+  out: dict = {}
+  for label, net in nets.items():
+    per_kind: dict[str, list] = {}
+    for _, tensors, _ in dobi.iter_captured(net, 4, lr):
+      for name, x in tensors.items():
+        kind = name.split(".", 4)[-1]  # drop layers.i.residual_group.blocks.j
+        per_kind.setdefault(kind, []).append(_kurtosis_max_std(x))
+    for kind, values in per_kind.items():
+      out.setdefault(kind, {})[label] = [float(np.median([v[0] for v in values])),
+                                         float(np.median([v[1] for v in values]))]
+  return out
+
+
+def statistics_markdown(stats: dict) -> str:
+  lines = ["Per-quantizer statistics (median over the 24 blocks, calibration batch): kurtosis "
+           "and max|x - mean| / std, plain -> rotated.", "",
+           "| quantizer | kurtosis plain | kurtosis rotated | max/std plain | max/std rotated |",
+           "|---|---:|---:|---:|---:|"]
+  for kind in sorted(stats):
+    p, r = stats[kind]["plain"], stats[kind]["rotated"]
+    lines.append(f"| {kind} | {p[0]:.2f} | {r[0]:.2f} | {p[1]:.2f} | {r[1]:.2f} |")
+  return "\n".join(lines) + "\n"
+
+
+def load_fp_srs(path: Path, cache: dict) -> None:
+  """The FP SRs of an earlier run of this setup ({dataset: {image: uint8}}) into `cache`."""
+  if path.is_file():
+    with np.load(path) as data:
+      for key in data.files:
+        dataset, image = key.split("/", 1)
+        cache.setdefault(dataset, {})[image] = data[key]
+
+
+def save_fp_srs(path: Path, cache: dict) -> None:
+  arrays = {f"{d}/{i}": sr for d, images in cache.items() for i, sr in images.items()}
+  with files.atomic_path(path) as tmp:
+    with open(tmp, "wb") as f:
+      np.savez(f, **arrays)
+
+
+def run_row(bits: int, row: str, out: Path, table: dict, inputs) -> None:
+  """One row at `bits` in <out>/w<b>/<row>/ (DQC resumes from its checkpoint there), then its
+  numbers into the table (also when it fails half-way: what finished is kept)."""
+  key = "fp" if row == "fp" else f"w{bits}"
+  workdir = out / key / row
+  logging.info("W%d: running %s in %s", bits, row, workdir)
+  t0 = time.perf_counter()
+  try:
+    pipeline.run(run_settings.parse(config(bits, [row])), workdir, inputs=inputs)
+  finally:
+    harvest(workdir, table, key)
+    seconds = table.setdefault("seconds", {})
+    seconds[key] = seconds[key] if isinstance(seconds.get(key), dict) else {}
+    seconds[key][row] = time.perf_counter() - t0
+    files.write_json(out / "beyond.json", table)
+    files.atomic_write(out / "beyond.md", markdown(table))
 
 
 def main(argv) -> None:
@@ -156,29 +223,30 @@ def main(argv) -> None:
   unknown = [r for r in FLAGS.rows if r not in REGISTRY or not REGISTRY[r].quantized]
   if unknown:
     raise app.UsageError(f"--rows: not quantized methods of methods.py: {unknown}")
-  rotation_statistics(int(FLAGS.bits[0]))
-  for bits in (int(b) for b in FLAGS.bits):
-    key = f"w{bits}"
-    done = table["rows"].get(key, {})
-    todo = [r for r in FLAGS.rows if r not in done]
+  if FLAGS.statistics and "statistics" not in table:
+    table["statistics"] = quantizer_statistics(int(FLAGS.bits[0]))
+    files.write_json(path, table)
+  if "statistics" in table:
+    print(statistics_markdown(table["statistics"]))
+  # The checkpoint, benchmarks, calibration batch and FP SRs: read or made once, shared by
+  # every row (one pipeline.run each, so each row is resumable on its own).
+  todo = [(b, r) for b in (int(b) for b in FLAGS.bits) for r in FLAGS.rows
+          if r not in table["rows"].get(f"w{b}", {})]
+  if not todo:
+    logging.info("every row is in %s", path)
+  else:
+    first = pipeline.check_inputs(run_settings.parse(config(todo[0][0], ["dobi"])))
+    inputs = pipeline.prepare(first, calibration=True)
+    fp_path = out / "fp_srs.npz"  # the FP SRs of this setup, for "vs FP"
+    load_fp_srs(fp_path, inputs.fp_srs)
     if "fp" not in table["rows"].get("fp", {}):
-      todo = ["fp"] + todo
-    if not todo:
-      logging.info("W%d: every row is in %s", bits, path)
-      continue
-    workdir = out / key
-    logging.info("W%d: running %s in %s", bits, ", ".join(todo), workdir)
-    t0 = time.perf_counter()
-    try:
-      pipeline.run(run_settings.parse(config(bits, todo)), workdir)
-    finally:  # keep what finished, also when a later row fails
-      harvest(workdir, table, key)
-      if "fp" in table["rows"][key]:
-        table["rows"]["fp"] = {"fp": table["rows"][key].pop("fp")}
-      table.setdefault("seconds", {})[key] = (table.get("seconds", {}).get(key, 0.0)
-                                              + time.perf_counter() - t0)
-      files.write_json(path, table)
-      files.atomic_write(out / "beyond.md", markdown(table))
+      run_row(todo[0][0], "fp", out, table, inputs)
+    if inputs.fp_srs and not fp_path.is_file():
+      save_fp_srs(fp_path, inputs.fp_srs)
+    for bits, row in todo:
+      run_row(bits, row, out, table, inputs)
+      if inputs.fp_srs and not fp_path.is_file():
+        save_fp_srs(fp_path, inputs.fp_srs)
   print(markdown(table))
 
 

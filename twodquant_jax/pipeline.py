@@ -345,6 +345,7 @@ def run(settings: RunSettings, workdir: str | Path | None = None, *,
 
 def _run(settings: RunSettings, workdir: Path, inputs: Inputs | None) -> dict:
   t_start = time.perf_counter()
+  shared = inputs is not None  # a sweep's (or benchmark's) runs share the inputs: FP SRs too
   with jax.default_matmul_precision(settings.matmul_precision):
     if inputs is None:  # read here: its data roots are this run's
       inputs = prepare(settings)
@@ -370,7 +371,7 @@ def _run(settings: RunSettings, workdir: Path, inputs: Inputs | None) -> dict:
     dqc_records: list[dict] = []
     kept: dict | None = {} if s.figures else None
     # The "vs FP" column: the FP model's SRs (none with a packed file: no FP model).
-    vs_fp = bool(s.quantized) and s.eval.vs_fp and inputs.packed_student is None
+    vs_fp = s.eval.vs_fp and inputs.packed_student is None and (bool(s.quantized) or shared)
     for method in s.methods:
       t0 = time.perf_counter()
       entry, spec = record.method(method), method_registry.REGISTRY[method]
@@ -451,7 +452,7 @@ def refine(settings: RunSettings, method: str, params: dict, bounds: dict[str, d
   if start not in settings.methods:
     entry.start_bounds_file = f"bounds_{start}.json"
     if distributed.is_primary():
-      bounds_file.save_bounds(workdir / entry.start_bounds_file, bounds[start],
+      save_bounds(workdir / entry.start_bounds_file, bounds[start],
                               {"method": start, "bits": settings.bits, "scale": settings.scale,
                                "identity": entry.dobi_identity})
   net = nets[method]
@@ -691,6 +692,18 @@ def _save_bounds(settings: RunSettings, workdir: Path, method: str, quant: dict)
   single = len(settings.methods) == 1 and method in method_registry.dqc_chain()
   fname = "bounds.json" if single else f"bounds_{method}.json"
   if distributed.is_primary():
-    bounds_file.save_bounds(workdir / fname, quant, {"method": method, "bits": settings.bits,
+    save_bounds(workdir / fname, quant, {"method": method, "bits": settings.bits,
                                                      "scale": settings.scale})
   return fname
+
+
+def save_bounds(path: Path, quant: dict, meta: dict) -> None:
+  """bounds.json: {name: [l, u]} (formats/bounds_file.py) for per-tensor bounds; a network
+  with per-channel weight bounds writes {name: [l, u] or [[l per channel], [u per channel]]}
+  (read back from its packed file, not from this file)."""
+  leaves = qnames.leaves_by_name(quant, qnames.BOUNDS)
+  if all(np.shape(v) == (2,) for v in leaves.values()):
+    bounds_file.save_bounds(path, quant, meta)
+    return
+  files.write_json(path, {"bounds": {k: np.asarray(v, np.float64).tolist()
+                                     for k, v in sorted(leaves.items())}, "meta": dict(meta)})
