@@ -13,7 +13,9 @@ a function of (seed, step)); codes stay in [0, 2^b - 1] and the checkpoint is th
 Each row runs as one `pipeline.run` in <out>/w<b>/<row>/ (its DQC checkpoints resume there),
 in the order of --rows, all sharing the checkpoint, benchmarks, calibration batch and the FP SRs
 (made once, kept in <out>/fp_srs.npz for later runs); rows already in <out>/beyond.json are not
-recomputed (delete a row there, or the file, to redo it). Writes <out>/beyond.json and
+recomputed (delete a row there, or the file, to redo it). A row is done when it has every set
+of --datasets, so `--datasets=Set5,Set14` first and B100 later completes a table in two passes
+(the second resumes each row's finished DQC and only evaluates). Writes <out>/beyond.json and
 <out>/beyond.md. It also records and prints, per quantizer kind, the kurtosis and max/std of the
 tensors the quantizers see before and after rotation (--statistics).
 """
@@ -46,7 +48,7 @@ flags.DEFINE_list("bits", ["2", "3", "4"], "Bit widths.")
 flags.DEFINE_list("rows", list(ROWS), "Methods (rows), methods.py names.")
 flags.DEFINE_integer("steps", 200, "DQC steps of every DQC row.")
 flags.DEFINE_integer("batch", 4, "DQC batch size of every DQC row.")
-flags.DEFINE_integer("lr_size", 32, "LR patch size of the calibration batch and DQC.")
+flags.DEFINE_integer("lr_size", 16, "LR patch size of the calibration batch and DQC.")
 flags.DEFINE_integer("num_patches", 8, "Calibration patches (DOBI and the stages).")
 flags.DEFINE_list("datasets", ["Set5", "Set14", "B100"], "Benchmark sets.")
 flags.DEFINE_string("checkpoint", str(SHARED / "reference" / "standin_x4.pth"), "FP weights.")
@@ -60,7 +62,13 @@ def setup() -> dict:
   """What every number of the table depends on (a different setup starts a new table)."""
   return {"checkpoint": FLAGS.checkpoint, "scale": 4, "steps": FLAGS.steps,
           "batch": FLAGS.batch, "lr_size": FLAGS.lr_size, "num_patches": FLAGS.num_patches,
-          "datasets": list(FLAGS.datasets), "calib_root": FLAGS.calib_root, "seed": 0}
+          "calib_root": FLAGS.calib_root, "seed": 0}
+
+
+def done(table: dict, key: str, row: str) -> bool:
+  """Whether the table holds `row` at `key` on every set of --datasets."""
+  entry = table["rows"].get(key, {}).get(row, {})
+  return all(n in entry.get("datasets", {}) for n in FLAGS.datasets)
 
 
 def config(bits: int, methods: list[str]):
@@ -85,9 +93,10 @@ def harvest(workdir: Path, table: dict, key: str) -> None:
   for method, entry in results.get("methods", {}).items():
     if "datasets" not in entry:
       continue
+    old = rows.get(method, {}).get("datasets", {})  # sets of an earlier run stay
     rows[method] = {
-        "datasets": {n: {k: d[k] for k in ("psnr", "ssim", "vs_fp") if k in d}
-                     for n, d in entry["datasets"].items()},
+        "datasets": {**old, **{n: {k: d[k] for k in ("psnr", "ssim", "vs_fp") if k in d}
+                               for n, d in entry["datasets"].items()}},
         "seconds": entry.get("seconds"),
         "dqc_seconds": (entry.get("dqc") or {}).get("seconds")}
 
@@ -100,7 +109,9 @@ def markdown(table: dict) -> str:
            f"of {s['lr_size']}x{s['lr_size']} LR; DQC: {s['steps']} steps at batch {s['batch']} "
            f"({s['lr_size']}x{s['lr_size']} LR patches) for every DQC row; last iterate; codes "
            "in [0, 2^b - 1].", ""]
-  names = s["datasets"]
+  names = [n for n in ("Set5", "Set14", "B100", "Urban100", "Manga109")
+           if any(n in r.get("datasets", {}) for rows in table["rows"].values()
+                  for r in rows.values())]
   fp = table["rows"].get("fp", {}).get("fp")
   for key in sorted(k for k in table["rows"] if k != "fp"):
     rows = table["rows"][key]
@@ -216,10 +227,12 @@ def main(argv) -> None:
   out.mkdir(parents=True, exist_ok=True)
   path = out / "beyond.json"
   table = json.loads(path.read_text()) if path.is_file() else {}
-  if table.get("setup") != setup():
+  given = {k: v for k, v in table.get("setup", {}).items() if k != "datasets"}  # (older tables)
+  if given != setup():
     if table:
       logging.warning("%s was made with another setup: starting a new table", path)
-    table = {"setup": setup(), "rows": {}}
+    table = {"rows": {}}
+  table["setup"] = setup()
   unknown = [r for r in FLAGS.rows if r not in REGISTRY or not REGISTRY[r].quantized]
   if unknown:
     raise app.UsageError(f"--rows: not quantized methods of methods.py: {unknown}")
@@ -231,7 +244,7 @@ def main(argv) -> None:
   # The checkpoint, benchmarks, calibration batch and FP SRs: read or made once, shared by
   # every row (one pipeline.run each, so each row is resumable on its own).
   todo = [(b, r) for b in (int(b) for b in FLAGS.bits) for r in FLAGS.rows
-          if r not in table["rows"].get(f"w{b}", {})]
+          if not done(table, f"w{b}", r)]
   if not todo:
     logging.info("every row is in %s", path)
   else:
@@ -239,14 +252,16 @@ def main(argv) -> None:
     inputs = pipeline.prepare(first, calibration=True)
     fp_path = out / "fp_srs.npz"  # the FP SRs of this setup, for "vs FP"
     load_fp_srs(fp_path, inputs.fp_srs)
-    if "fp" not in table["rows"].get("fp", {}):
+    saved = set(inputs.fp_srs)
+    if not done(table, "fp", "fp"):
       run_row(todo[0][0], "fp", out, table, inputs)
-    if inputs.fp_srs and not fp_path.is_file():
-      save_fp_srs(fp_path, inputs.fp_srs)
     for bits, row in todo:
-      run_row(bits, row, out, table, inputs)
-      if inputs.fp_srs and not fp_path.is_file():
+      if set(inputs.fp_srs) != saved:
         save_fp_srs(fp_path, inputs.fp_srs)
+        saved = set(inputs.fp_srs)
+      run_row(bits, row, out, table, inputs)
+    if set(inputs.fp_srs) != saved:
+      save_fp_srs(fp_path, inputs.fp_srs)
   print(markdown(table))
 
 
