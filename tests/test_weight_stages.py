@@ -176,8 +176,8 @@ def _dqc_config(steps, calib_dir):
 @pytest.mark.slow
 def test_dqc_with_rounding_learns_and_resumes(tiny_params, tmp_path, calib_dir):
   """Per-channel bounds + learned rounding at W2: the loss on a held-out batch falls (bounds
-  and offsets both move), and a run resumed from its step-4 checkpoint ends where an
-  uninterrupted 8-step run ends (orbax restores the offsets and their Adam state)."""
+  and offsets both move), and a run cut after step 5 and resumed from its step-4 checkpoint
+  ends where the uninterrupted run ends (orbax restores the offsets and their Adam state)."""
   arch = {**ARCH, "weight_channels": True, "rounding": True}
   student0 = Student(tiny_params, {}, arch)
   quant0 = _calibrate(student0, 2)
@@ -202,8 +202,16 @@ def test_dqc_with_rounding_learns_and_resumes(tiny_params, tmp_path, calib_dir):
       jax.tree_util.tree_leaves(start.extra[ROUNDING]))]
   assert min(moved) > 0, moved
 
-  half = run_settings.dqc_settings(_dqc_config(4, calib_dir), ARCH)
-  dqc_loop.train_student(tiny_params, student0, quant0, half, loop, tmp_path / "cut")
+  class Cut(Exception):
+    pass
+
+  def cut(step, _):
+    if step == 5:  # after step 4's checkpoint: the run dies here
+      raise Cut
+
+  with pytest.raises(Cut):
+    dqc_loop.train_student(tiny_params, student0, quant0, settings, loop, tmp_path / "cut",
+                           callback=cut)
   resumed, quant_r, info_r = dqc_loop.train_student(tiny_params, student0, quant0, settings,
                                                      loop, tmp_path / "cut")
   assert info_r["resumed_from"] == 4 and info_r["steps_run"] == 4
