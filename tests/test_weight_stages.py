@@ -78,7 +78,7 @@ def test_per_channel_search_equals_the_search_on_each_channel_alone(tiny_params,
       np.testing.assert_array_equal(b, flat_plain[name], err_msg=name)
       continue
     kpath, cols = slices[name]
-    kernel = np.asarray(rounding._get(tiny_params, kpath))[:, cols]
+    kernel = np.asarray(rounding.at_path(tiny_params, kpath))[:, cols]
     assert b.shape == (2, kernel.shape[1]), name
     for j in range(kernel.shape[1]):
       want = (search.dobi_bounds(kernel[:, j], 2) if method == "dobi"
@@ -120,11 +120,11 @@ def test_bake_reproduces_the_learned_codes(tiny_params, bits, channels):
   assert baked.arch["rounding"] is False and ROUNDING not in baked.extra
   changed = 0
   for qpath, kpath, cols in rounding.weight_slices(quant, baked.params):
-    b = rounding._get(quant, qpath)["bounds"]
-    w = jnp.asarray(rounding._get(baked.params, kpath))[:, cols]
+    b = rounding.at_path(quant, qpath)["bounds"]
+    w = jnp.asarray(rounding.at_path(baked.params, kpath))[:, cols]
     rtn = np.asarray(quant_codes(w, b[0], b[1], bits))
     np.testing.assert_array_equal(rtn, learned[qpath], err_msg=str(qpath))
-    w0 = jnp.asarray(rounding._get(tiny_params, kpath))[:, cols]
+    w0 = jnp.asarray(rounding.at_path(tiny_params, kpath))[:, cols]
     changed += int(np.sum(np.asarray(quant_codes(w0, b[0], b[1], bits)) != learned[qpath]))
   assert changed > 0  # the offsets did change codes against round-to-nearest
 
@@ -235,10 +235,10 @@ def test_bias_correction_restores_the_mean_output(tiny_params):
   means = bias_correction.input_means(Student(tiny_params, {}, ARCH), SCALE, inputs.calib_lr)
   blk = ("layers_0", "residual_group", "blocks_0", "attn", "qkv")
   name = "layers.0.residual_group.blocks.0.attn.qkv.q.act_quantizer"
-  w = np.asarray(rounding._get(tiny_params, blk + ("kernel",)))[:, :12]
-  b = np.asarray(rounding._get(quant, blk + ("q", "weight_quantizer", "bounds")))
+  w = np.asarray(rounding.at_path(tiny_params, blk + ("kernel",)))[:, :12]
+  b = np.asarray(rounding.at_path(quant, blk + ("q", "weight_quantizer", "bounds")))
   qw = np.asarray(fake_quant(jnp.asarray(w), b[0], b[1], 2))
-  bias0 = np.asarray(rounding._get(tiny_params, blk + ("bias",)))[:12]
-  bias1 = np.asarray(rounding._get(corrected.params, blk + ("bias",)))[:12]
+  bias0 = np.asarray(rounding.at_path(tiny_params, blk + ("bias",)))[:12]
+  bias1 = np.asarray(rounding.at_path(corrected.params, blk + ("bias",)))[:12]
   assert np.abs(bias1 - bias0).max() > 1e-4
   np.testing.assert_allclose(means[name] @ qw + bias1, means[name] @ w + bias0, atol=1e-5)

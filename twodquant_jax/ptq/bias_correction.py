@@ -20,7 +20,7 @@ from twodquant_jax.nn.names import name_from_path
 from twodquant_jax.nn.quantizer import BOUNDS, fake_quant
 from twodquant_jax.nn.student import Student
 from twodquant_jax.ptq import dobi
-from twodquant_jax.ptq.rounding import _get, weight_slices
+from twodquant_jax.ptq.rounding import at_path, weight_slices
 from twodquant_jax.ptq.stages import StageInputs
 
 
@@ -49,9 +49,9 @@ def bias_correct(student: Student, quant: Mapping, inputs: StageInputs) -> Stude
   params = jax.tree_util.tree_map(np.array, jax.device_get(dict(student.params)))
   for qpath, kpath, cols in weight_slices(quant, student.params):
     act = name_from_path(qpath[:-1] + ("act_quantizer",))
-    kernel = _get(params, kpath)[:, cols]
-    b = jnp.asarray(_get(quant, qpath)[BOUNDS], jnp.float32)
+    kernel = at_path(params, kpath)[:, cols]
+    b = jnp.asarray(at_path(quant, qpath)[BOUNDS], jnp.float32)
     err = kernel - np.asarray(fake_quant(jnp.asarray(kernel), b[0], b[1], inputs.bits))
-    bias = _get(params, kpath[:-1] + ("bias",))
+    bias = at_path(params, kpath[:-1] + ("bias",))
     bias[cols] = (bias[cols] + means[act] @ err.astype(np.float64)).astype(bias.dtype)
   return dataclasses.replace(student, params=params)

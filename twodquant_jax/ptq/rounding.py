@@ -41,21 +41,22 @@ def weight_slices(quant: Mapping, params: Mapping
     owner = path[:-2]
     if owner[-1] in QKV_PARTS and len(owner) > 1 and owner[-2] == "qkv":
       kernel = owner[:-1] + ("kernel",)
-      width = _get(params, kernel).shape[-1] // 3
+      width = at_path(params, kernel).shape[-1] // 3
       i = QKV_PARTS.index(owner[-1])
       yield path[:-1], kernel, slice(i * width, (i + 1) * width)
     else:
       yield path[:-1], owner + ("kernel",), slice(None)
 
 
-def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
+def at_path(tree: Mapping, path: tuple[str, ...]) -> Any:
+  """tree[path[0]][path[1]]..."""
   for k in path:
     tree = tree[k]
   return tree
 
 
 def _bounds(quant: Mapping, qpath: tuple[str, ...]) -> tuple[jnp.ndarray, jnp.ndarray]:
-  b = jnp.asarray(_get(quant, qpath)[BOUNDS], jnp.float32)
+  b = jnp.asarray(at_path(quant, qpath)[BOUNDS], jnp.float32)
   return b[0], b[1]
 
 
@@ -64,7 +65,7 @@ def init_offsets(student: Student, quant: Mapping, bits: int) -> Student:
   so the soft-rounded weights start at the weights themselves (round-to-nearest's fractions)."""
   flat = {}
   for qpath, kpath, cols in weight_slices(quant, student.params):
-    w = jnp.asarray(_get(student.params, kpath))[:, cols]
+    w = jnp.asarray(at_path(student.params, kpath))[:, cols]
     lower, upper = _bounds(quant, qpath)
     flat[qpath + (OFFSET,)] = rounding_offset_init(w, lower, upper, bits)
   return dataclasses.replace(student, extra={**student.extra,
@@ -97,9 +98,9 @@ def learned_codes(student: Student, quant: Mapping, bits: int) -> dict[tuple[str
   offsets = student.extra[ROUNDING]
   out = {}
   for qpath, kpath, cols in weight_slices(quant, student.params):
-    w = jnp.asarray(_get(student.params, kpath))[:, cols]
+    w = jnp.asarray(at_path(student.params, kpath))[:, cols]
     lower, upper = _bounds(quant, qpath)
-    v = _get(offsets, qpath)[OFFSET]
+    v = at_path(offsets, qpath)[OFFSET]
     out[qpath] = np.asarray(hard_round_codes(w, lower, upper, v, bits)).astype(np.int32)
   return out
 
@@ -119,7 +120,7 @@ def bake(student: Student, quant: Mapping, bits: int) -> Student:
   for qpath, kpath, cols in weight_slices(quant, student.params):
     lower, upper = _bounds(quant, qpath)
     s = quant_step(lower, upper, bits)
-    kernel = _get(params, kpath)
+    kernel = at_path(params, kpath)
     kernel[:, cols] = np.asarray(s * jnp.asarray(codes[qpath], jnp.float32) + lower)
   extra = {k: v for k, v in student.extra.items() if k != ROUNDING}
   return Student(params, extra, {**dict(student.arch), "rounding": False})
