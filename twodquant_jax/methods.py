@@ -67,8 +67,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("dobi+rot", "DOBI + rotation", calibration="dobi", stages=("rotate",)),
     Method("dobi+smooth", "DOBI + smoothing", calibration="dobi", stages=("smooth",)),
     Method("dobi+bc", "DOBI + bias corr.", calibration="dobi", bias_correct=True),
-    Method("dobi++", "DOBI++", calibration="dobi", stages=("smooth", "rotate"), arch=_CH,
-           bias_correct=True),
+    Method("dobi++", "DOBI++", calibration="dobi", stages=("smooth", "rotate"), arch=_CH),
     # 2DQuant (DOBI + DQC) with one change, then all that pay off together.
     Method("2dquant+ch", "2DQuant + per-channel W", calibration="dobi", dqc=True,
            init_from="dobi+ch", arch=_CH),
@@ -81,8 +80,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("2dquant+round", "2DQuant + learned rounding", calibration="dobi", dqc=True,
            init_from="dobi", arch=_arch(rounding=True)),
     Method("2dquant++", "2DQuant++", calibration="dobi", dqc=True, init_from="dobi++",
-           stages=("smooth", "rotate"), arch=_arch(rounding=True, weight_channels=True),
-           bias_correct=True),
+           stages=("smooth", "rotate"), arch=_CH),
 )}
 ROWS = tuple(REGISTRY)  # every row, in table order (the paper's first)
 ALL = tuple(n for n, m in REGISTRY.items() if m.paper)  # the paper's rows: method=all

@@ -38,7 +38,7 @@ from twodquant_jax.nn import names as qnames
 from twodquant_jax.nn import student as students
 from twodquant_jax.nn.student import Student
 from twodquant_jax.nn.swinir import SwinIR, variable_shapes
-from twodquant_jax.ptq import dobi_reuse, stages, stats
+from twodquant_jax.ptq import bias_correction, dobi_reuse, rounding, stages, stats
 from twodquant_jax.ptq.dobi import calibrate_many
 from twodquant_jax.ptq.dqc import checkpoint as dqc_checkpoint
 from twodquant_jax.ptq.dqc import loop as dqc_loop
@@ -455,10 +455,8 @@ def refine(settings: RunSettings, method: str, params: dict, bounds: dict[str, d
       save_bounds(workdir / entry.start_bounds_file, bounds[start],
                               {"method": start, "bits": settings.bits, "scale": settings.scale,
                                "identity": entry.dobi_identity})
-  net = nets[method]
-  quant, info = run_dqc(settings, params, net, bounds[start],
-                        workdir / method_registry.dqc_folder(method))
-  return quant, net, info
+  return run_dqc(settings, params, nets[method], bounds[start],
+                 workdir / method_registry.dqc_folder(method))
 
 
 def make_figures(settings: RunSettings, workdir: Path, record: RunRecord, params: dict,
@@ -589,13 +587,12 @@ def _networks(methods: list[str], plain: Student, inputs: stages.StageInputs
 def _calibrate(net: Student, scale: int, lr: np.ndarray, settings: dict, progress: bool
                ) -> dict[str, tuple[dict, dict]]:
   """calibrate_many on the network `net` (one capture pass for every entry of `settings`)."""
-  _paper_network(net, "calibration")
-  return calibrate_many(net.params, scale, lr, settings, progress=progress)
+  return calibrate_many(net, scale, lr, settings, progress=progress)
 
 
 def bias_correct(net: Student, quant: dict, inputs: stages.StageInputs) -> Student:
   """The network with its biases corrected for the weight quantization with `quant`."""
-  raise NotImplementedError("bias correction is not wired yet")
+  return bias_correction.bias_correct(net, quant, inputs)
 
 
 def _bounds_tree(bounds: dict) -> dict:
@@ -655,21 +652,22 @@ def dqc_validator(settings: RunSettings, params: dict, model: SwinIR):
 
 
 def run_dqc(settings: RunSettings, params: dict, net: Student, quant0: dict, workdir: Path
-            ) -> tuple[dict, dict]:
+            ) -> tuple[dict, Student, dict]:
   """DQC of the network `net` from the start's bounds against the FP teacher `params`, with
-  held-out validation when `dqc.val_root` is set. The info holds the log `records` too."""
-  _paper_network(net, "DQC")
-  student = dqc_step.model_for(settings.dqc, "quant")
-  return dqc_loop.train(params, quant0, settings.dqc, settings.loop, workdir,
-                        progress=_progress(settings),
-                        validate=dqc_validator(settings, params, student))
-
-
-def _paper_network(net: Student, what: str) -> None:
-  """Until calibration and DQC take a Student: only the paper's networks run."""
-  if net.extra or net.arch:
-    raise NotImplementedError(f"{what} of a changed network (arch {dict(net.arch)}, extra "
-                              f"{sorted(net.extra)}) is not wired yet")
+  held-out validation when `dqc.val_root` is set (the paper's network only). Returns the
+  bounds, the network to evaluate and export (learned rounding baked into its weights: plain
+  round-to-nearest then gives the learned codes) and the info (with the log `records`)."""
+  if not net.extra and not net.arch:  # the paper's 2DQuant, exactly as before
+    student = dqc_step.model_for(settings.dqc, "quant")
+    quant, info = dqc_loop.train(params, quant0, settings.dqc, settings.loop, workdir,
+                                 progress=_progress(settings),
+                                 validate=dqc_validator(settings, params, student))
+    return quant, net, info
+  net, quant, info = dqc_loop.train_student(params, net, quant0, settings.dqc, settings.loop,
+                                            workdir, progress=_progress(settings))
+  if dict(net.arch).get("rounding"):
+    net = rounding.bake(net, quant, settings.bits)
+  return quant, net, info
 
 
 def _export_packed(settings: RunSettings, workdir: Path, method: str, net: Student,

@@ -20,8 +20,17 @@ import numpy as np
 from twodquant_jax.nn.layers import FakeQuant, QuantDense, QuantQKV, check_mode, qmatmul
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
+ROTATE_KINDS = ("qkv", "fc1", "fc2")  # linears whose input SwinIR(rotate=...) rotates at run time
 LN_EPS = 1e-5
 MASK_VALUE = -100.0
+
+
+def check_rotate(rotate: Sequence[str]) -> None:
+  """Raises ValueError for a kind of `SwinIR.rotate` that has no run-time rotation."""
+  bad = sorted(set(rotate) - set(ROTATE_KINDS))
+  if bad:
+    raise ValueError(f"SwinIR.rotate: unknown kinds {bad}; run-time rotations exist for "
+                     f"{ROTATE_KINDS} (attention rotations are folded into the params)")
 
 
 def window_partition(x: jnp.ndarray, ws: int) -> jnp.ndarray:
@@ -126,6 +135,9 @@ class WindowAttention(nn.Module):
   window_size: int
   mode: str = "fp"
   bits: int = 4
+  rotate: tuple[str, ...] = ()  # run-time input rotations (ROTATE_KINDS)
+  weight_channels: bool = False  # per-output-channel weight bounds (SwinIR.weight_channels)
+  rounding: bool = False  # learned weight rounding (SwinIR.rounding)
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, mask: np.ndarray | jnp.ndarray | None) -> jnp.ndarray:
@@ -133,7 +145,8 @@ class WindowAttention(nn.Module):
     b_, n, c = x.shape
     nh, hd = self.num_heads, c // self.num_heads
     ws = self.window_size
-    q, k, v = QuantQKV(self.dim, self.mode, self.bits, name="qkv")(x)
+    q, k, v = QuantQKV(self.dim, self.mode, self.bits, "qkv" in self.rotate,
+                       self.weight_channels, self.rounding, name="qkv")(x)
     heads = lambda t: t.reshape(b_, n, nh, hd).transpose(0, 2, 1, 3)
     q, k, v = heads(q) * (hd ** -0.5), heads(k), heads(v)
     q = FakeQuant(self.mode, self.bits, name="mymodule_q")(q)
@@ -153,7 +166,8 @@ class WindowAttention(nn.Module):
     attn = jax.nn.softmax(attn, axis=-1)
     attn = FakeQuant(self.mode, self.bits, name="mymodule_a")(attn)
     out = qmatmul(attn, v).transpose(0, 2, 1, 3).reshape(b_, n, c)
-    return QuantDense(self.dim, self.mode, self.bits, name="proj")(out)
+    return QuantDense(self.dim, self.mode, self.bits, self.weight_channels, self.rounding,
+                      name="proj")(out)
 
 
 class Mlp(nn.Module):
@@ -161,13 +175,18 @@ class Mlp(nn.Module):
   hidden: int
   mode: str = "fp"
   bits: int = 4
+  rotate: tuple[str, ...] = ()
+  weight_channels: bool = False  # per-output-channel weight bounds (SwinIR.weight_channels)
+  rounding: bool = False  # learned weight rounding (SwinIR.rounding)
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     dim = x.shape[-1]
-    x = QuantDense(self.hidden, self.mode, self.bits, name="fc1")(x)
+    x = QuantDense(self.hidden, self.mode, self.bits, "fc1" in self.rotate, self.weight_channels,
+                   self.rounding, name="fc1")(x)
     x = nn.gelu(x, approximate=False)
-    return QuantDense(dim, self.mode, self.bits, name="fc2")(x)
+    return QuantDense(dim, self.mode, self.bits, "fc2" in self.rotate, self.weight_channels,
+                      self.rounding, name="fc2")(x)
 
 
 class SwinBlock(nn.Module):
@@ -179,6 +198,9 @@ class SwinBlock(nn.Module):
   mlp_ratio: float
   mode: str = "fp"
   bits: int = 4
+  rotate: tuple[str, ...] = ()
+  weight_channels: bool = False  # per-output-channel weight bounds (SwinIR.weight_channels)
+  rounding: bool = False  # learned weight rounding (SwinIR.rounding)
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, hw: tuple[int, int],
@@ -194,7 +216,8 @@ class SwinBlock(nn.Module):
     elif s:  # the roll wraps around each image's own size, not the canvas
       y = _gather_tokens(y, region.roll)
       mask = region_mask(region.regions, ws)
-    y = WindowAttention(self.dim, self.num_heads, ws, self.mode, self.bits, name="attn")(
+    y = WindowAttention(self.dim, self.num_heads, ws, self.mode, self.bits, self.rotate,
+                        self.weight_channels, self.rounding, name="attn")(
         window_partition(y, ws), mask)
     y = window_reverse(y, ws, h, w)
     if s and region is None:
@@ -203,7 +226,8 @@ class SwinBlock(nn.Module):
       y = _gather_tokens(y, region.unroll)
     x = x + y.reshape(b, h * w, c)
     y = nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, name="norm2")(x)
-    return x + Mlp(int(self.dim * self.mlp_ratio), self.mode, self.bits, name="mlp")(y)
+    return x + Mlp(int(self.dim * self.mlp_ratio), self.mode, self.bits, self.rotate,
+                   self.weight_channels, self.rounding, name="mlp")(y)
 
 
 class _Stage(nn.Module):
@@ -217,6 +241,9 @@ class _Stage(nn.Module):
   bits: int = 4
   remat: bool = False
   scan_blocks: bool = False
+  rotate: tuple[str, ...] = ()
+  weight_channels: bool = False  # per-output-channel weight bounds (SwinIR.weight_channels)
+  rounding: bool = False  # learned weight rounding (SwinIR.rounding)
 
 
 def _scans(module: nn.Module) -> bool:
@@ -257,14 +284,16 @@ class BlockStack(_Stage):
     self.blocks = [
         block(self.dim, self.num_heads, self.window_size,
                   0 if i % 2 == 0 else self.window_size // 2, self.mlp_ratio, self.mode,
-                  self.bits) for i in range(self.depth)
+                  self.bits, self.rotate, self.weight_channels, self.rounding)
+                  for i in range(self.depth)
     ]
 
   @nn.nowrap
   def _block_def(self, shift: int) -> SwinBlock:
     """An unbound Swin block of this stack, applied functionally inside the scan."""
     return SwinBlock(self.dim, self.num_heads, self.window_size, shift, self.mlp_ratio,
-                     self.mode, self.bits, parent=None)
+                     self.mode, self.bits, self.rotate, self.weight_channels, self.rounding,
+                     parent=None)
 
   def __call__(self, x: jnp.ndarray, hw: tuple[int, int],
                region: ValidRegion | None = None) -> jnp.ndarray:
@@ -299,7 +328,8 @@ class RSTB(_Stage):
   def setup(self):
     self.residual_group = BlockStack(self.dim, self.depth, self.num_heads, self.window_size,
                                      self.mlp_ratio, self.mode, self.bits, self.remat,
-                                     self.scan_blocks)
+                                     self.scan_blocks, self.rotate, self.weight_channels,
+                                     self.rounding)
     self.conv = _conv(self.dim)
 
   def __call__(self, x: jnp.ndarray, hw: tuple[int, int], region: ValidRegion | None = None
@@ -345,16 +375,23 @@ class SwinIR(nn.Module):
   remat: bool = False  # recompute Swin block activations in the backward pass (DQC memory)
   scan_blocks: bool = False  # run each RSTB's identical block pairs in a lax.scan (compile once)
   scan_layers: bool = True  # with scan_blocks, identical RSTBs in a lax.scan too
+  # Run-time input rotations of the linears named (ROTATE_KINDS): x -> x R before the input
+  # quantizer, R from the 'rotation' collection (one per block and linear), R^T W in the params.
+  rotate: tuple[str, ...] = ()
+  weight_channels: bool = False  # weight bounds per output channel, shape (2, out)
+  rounding: bool = False  # learned weight rounding ('rounding' collection; baked before export)
 
   def setup(self):
     check_mode(self.mode)
+    check_rotate(self.rotate)
     if self.upscale not in (2, 3, 4):
       raise ValueError(f"upscale must be 2, 3 or 4, got {self.upscale}")
     self.conv_first = _conv(self.embed_dim)
     self.patch_embed_norm = nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False)
     self.layers = [
         RSTB(self.embed_dim, d, h, self.window_size, self.mlp_ratio, self.mode, self.bits,
-             self.remat, self.scan_blocks)
+             self.remat, self.scan_blocks, tuple(self.rotate), self.weight_channels,
+             self.rounding)
         for d, h in zip(self.depths, self.num_heads)
     ]
     self.norm = nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False)
@@ -390,7 +427,7 @@ class SwinIR(nn.Module):
     """A standalone (unbound) RSTB i, to run one stage at a time with `params[stage_name(i)]`."""
     return RSTB(self.embed_dim, self.depths[i], self.num_heads[i], self.window_size,
                 self.mlp_ratio, mode or self.mode, self.bits, self.remat, self.scan_blocks,
-                parent=None)
+                tuple(self.rotate), self.weight_channels, self.rounding, parent=None)
 
   @staticmethod
   def stage_name(i: int) -> str:

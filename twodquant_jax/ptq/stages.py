@@ -14,6 +14,7 @@ import jax
 import numpy as np
 
 from twodquant_jax.nn.student import Student
+from twodquant_jax.ptq import rotation, smooth
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +31,12 @@ class StageInputs:
 
 Stage = Callable[[Student, StageInputs], Student]
 
-STAGES: dict[str, Stage] = {}
+STAGES: dict[str, Stage] = {
+    "rotate": lambda s, i: rotation.rotate(
+        s, i.key, i.options.get("rotate_kinds", rotation.DEFAULT_KINDS)),
+    "smooth": lambda s, i: smooth.smooth(
+        s, i.calib_lr, i.scale, i.bits, i.options.get("smooth_alpha", smooth.DEFAULT_ALPHA)),
+}
 
 
 def apply(names: tuple[str, ...], student: Student, inputs: StageInputs) -> Student:
