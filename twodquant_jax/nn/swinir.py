@@ -166,8 +166,8 @@ class WindowAttention(nn.Module):
     attn = jax.nn.softmax(attn, axis=-1)
     attn = FakeQuant(self.mode, self.bits, name="mymodule_a")(attn)
     out = qmatmul(attn, v).transpose(0, 2, 1, 3).reshape(b_, n, c)
-    return QuantDense(self.dim, self.mode, self.bits, self.weight_channels, self.rounding,
-                      name="proj")(out)
+    return QuantDense(self.dim, self.mode, self.bits, weight_channels=self.weight_channels,
+                      rounding=self.rounding, name="proj")(out)
 
 
 class Mlp(nn.Module):
