@@ -167,7 +167,7 @@ def quantizer_statistics(bits: int) -> dict:
     per_kind: dict[str, list] = {}
     for _, tensors, _ in dobi.iter_captured(net, 4, lr):
       for name, x in tensors.items():
-        kind = name.split(".", 4)[-1]  # drop layers.i.residual_group.blocks.j
+        kind = name.split(".", 5)[-1]  # drop layers.i.residual_group.blocks.j
         per_kind.setdefault(kind, []).append(_kurtosis_max_std(x))
     for kind, values in per_kind.items():
       out.setdefault(kind, {})[label] = [float(np.median([v[0] for v in values])),

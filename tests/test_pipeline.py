@@ -17,7 +17,9 @@ from twodquant_jax.report import tables
 
 SCALE, BITS = 4, 2
 IMAGES = (("baby", 160, 160), ("bird", 100, 60))  # Set5 HR crops (name, y, x), 96x96
-MARGIN_DB = 1.0  # 2DQuant++ over 2DQuant in vs FP, measured: see the test
+# 2DQuant++ over 2DQuant in vs FP on this setup. Measured: 2DQuant 49.83, 2DQuant++ 53.55 dB
+# (+3.72; 40 DQC steps at batch 4, 16x16 patches, 4 calibration patches); half of it, rounded.
+MARGIN_DB = 2.0
 
 
 def _tiny_benchmark(root, benchmarks) -> None:
