@@ -84,8 +84,8 @@ def test_settings_module_imports_only_the_registry():
 
 def _name_tests(path) -> list[str]:
   """Comparisons in `path` with a method name literal ('x' == m, m in ('a', 'b'), ...). Two
-  other vocabularies share some of the words and are not method tests: a model `.mode`
-  ('fp', nn/layers.py) and a calibration search's `.method` (settings.CALIBRATIONS)."""
+  other vocabularies share some of the words and are not method tests: a model's `mode` or
+  `.mode` ('fp', nn/layers.py) and a calibration search's `.method` (settings.CALIBRATIONS)."""
   found = []
   for node in ast.walk(ast.parse(path.read_text())):
     if not isinstance(node, ast.Compare):
@@ -97,8 +97,10 @@ def _name_tests(path) -> list[str]:
         if not (isinstance(item, ast.Constant) and item.value in methods.REGISTRY):
           continue
         others = [o for o in operands if o is not x]
-        if any(isinstance(o, ast.Attribute) and (o.attr == "mode" or (
-            o.attr == "method" and item.value in settings.CALIBRATIONS)) for o in others):
+        if any((isinstance(o, ast.Name) and o.id == "mode") or
+               (isinstance(o, ast.Attribute) and (o.attr == "mode" or (
+                   o.attr == "method" and item.value in settings.CALIBRATIONS)))
+               for o in others):
           continue
         found.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno}: {ast.unparse(node)}")
   return found
