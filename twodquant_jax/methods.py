@@ -67,6 +67,8 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("dobi+rot", "DOBI + rotation", calibration="dobi", stages=("rotate",)),
     Method("dobi+smooth", "DOBI + smoothing", calibration="dobi", stages=("smooth",)),
     Method("dobi+bc", "DOBI + bias corr.", calibration="dobi", bias_correct=True),
+    Method("dobi+ch+rot", "DOBI + per-channel W + rotation", calibration="dobi",
+           stages=("rotate",), arch=_CH),
     Method("dobi++", "DOBI++", calibration="dobi", stages=("smooth", "rotate"), arch=_CH),
     # 2DQuant (DOBI + DQC) with one change, then all that pay off together.
     Method("2dquant+ch", "2DQuant + per-channel W", calibration="dobi", dqc=True,
@@ -79,6 +81,8 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
            init_from="dobi+bc", bias_correct=True),
     Method("2dquant+round", "2DQuant + learned rounding", calibration="dobi", dqc=True,
            init_from="dobi", arch=_arch(rounding=True)),
+    Method("2dquant+ch+rot", "2DQuant + per-channel W + rotation", calibration="dobi",
+           dqc=True, init_from="dobi+ch+rot", stages=("rotate",), arch=_CH),
     Method("2dquant++", "2DQuant++", calibration="dobi", dqc=True, init_from="dobi++",
            stages=("smooth", "rotate"), arch=_CH),
 )}
