@@ -10,7 +10,10 @@ import ml_collections
 
 def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
-  # fp | bicubic | minmax | percentile | dobi | 2dquant | all (all = the Table-3 comparison)
+  # fp | bicubic | minmax | percentile | dobi | 2dquant | all (all = the Table-3 comparison), or a
+  # row beyond the paper: dobi+ch | dobi+rot | dobi+smooth | dobi+bc | dobi++ | 2dquant+ch |
+  # 2dquant+rot | 2dquant+smooth | 2dquant+bc | 2dquant+round | 2dquant++ (twodquant_jax/methods.py,
+  # docs/beyond.md); beyond = all of those; all+ = every row; or a comma-separated list
   c.method = method
   c.scale = scale
   c.bits = bits
@@ -51,6 +54,9 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   # False: one compile per distinct padded image size (the BasicSR way, equal results)
   c.eval.buckets = True
   c.eval.engine = "fake"  # quantized forward: fake (float fake-quant) | int (int8 matmuls + corrections)
+  # quantized rows: also the PSNR (Y, crop = scale) of each SR against the FP model's SR ("vs FP",
+  # FP-fidelity); the FP SRs are computed first (uint8, about 3 bytes per HR pixel are kept)
+  c.eval.vs_fp = True
 
   c.calib = ml_collections.ConfigDict()
   # training images (the paper: DF2K HR); empty = DIV2K's 800 train HR images from data.cache

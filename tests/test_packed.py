@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import traverse_util
@@ -147,15 +148,74 @@ def test_wrong_scale_version_bits_give_one_line_errors(exported, tmp_path):
   path = exported[0]
   cases = [(lambda: packed.load_packed(path, 2), "holds an x4 model but the config asks for x2"),
            (lambda: packed.load_packed(path, 4, 3), "holds 4-bit codes but config.bits=3"),
-           (lambda: packed.load_packed(_rewrite(path, tmp_path / "v2.safetensors",
-                                                format_version="2"), 4),
-            "format version '2', this reader reads version 1"),
+           (lambda: packed.load_packed(_rewrite(path, tmp_path / "v3.safetensors",
+                                                format_version="3"), 4),
+            "format version '3', this reader reads versions 1, 2"),
            (lambda: packed.load_packed(_rewrite(path, tmp_path / "other.safetensors",
                                                 format="other"), 4), "not a twodquant-packed")]
   for fn, message in cases:
     with pytest.raises(packed.PackedFileError, match=message) as e:
       fn()
     assert "\n" not in str(e.value)
+
+
+def _per_channel(quant) -> dict:
+  """The bounds with every weight quantizer per output channel: (2, out), rows spread apart."""
+  flat = traverse_util.flatten_dict(quant)
+  out = {}
+  for key, b in flat.items():
+    name = qnames.name_from_path(key[:-1])
+    if qnames.is_weight(name):
+      n = 120 if ".fc1." in name else 60
+      spread = np.linspace(0.5, 1.5, n, dtype=np.float32)
+      b = np.stack([np.asarray(b[0]) * spread, np.asarray(b[1]) * spread[::-1]])
+    out[key] = jnp.asarray(b)
+  return traverse_util.unflatten_dict(out)
+
+
+def test_paper_methods_write_version_1_and_it_still_loads(exported):
+  """A network without extras or per-channel bounds (the paper's methods) is written as
+  version 1, the format older readers read, and the version-2 reader loads it as before."""
+  path = exported[0]
+  assert packed.read_metadata(path)["format_version"] == "1"
+  net, quant, _ = packed.load_student(path, 4, 4)
+  assert (dict(net.extra), dict(net.arch)) == ({}, {})
+  assert qnames.tree_to_dict(quant) == qnames.tree_to_dict(exported[2])
+
+
+def test_version_2_round_trip_extra_arch_per_channel(model, exported, tmp_path):
+  """Version 2 holds what a network beyond the paper needs: per-channel weight bounds (codes
+  per output row), extra collections (e.g. rotation matrices) and the SwinIR options."""
+  params, quant = model[0], _per_channel(exported[2])
+  rot = np.linalg.qr(np.random.default_rng(0).normal(size=(60, 60)))[0].astype(np.float32)
+  extra = {"rotation": {"layers_0": {"blocks_0": {"fc1": rot}}}}
+  arch = {"rotate": ("fc1",), "weight_channels": True}
+  path = tmp_path / "v2.safetensors"
+  packed.export_packed(path, params, quant, scale=4, bits=2, method="2dquant++",
+                       source_sha256="cd" * 32, extra=extra, arch=arch)
+  assert packed.read_metadata(path)["format_version"] == "2"
+  net, q2, meta = packed.load_student(path, 4, 2)
+  assert dict(net.arch) == arch and meta["method"] == "2dquant++"
+  np.testing.assert_array_equal(net.extra["rotation"]["layers_0"]["blocks_0"]["fc1"], rot)
+  got, want = qnames.leaves_by_name(q2, "bounds"), qnames.leaves_by_name(quant, "bounds")
+  assert set(got) == set(want)
+  for name in want:
+    np.testing.assert_array_equal(got[name], want[name])
+  # Each output row is dequantized with its own bounds: the loaded weight is the row-wise
+  # fake-quantized weight, with at most 2^b levels per row.
+  flat1, flat2 = traverse_util.flatten_dict(params), traverse_util.flatten_dict(net.params)
+  key = ("layers_0", "residual_group", "blocks_0", "mlp", "fc1", "kernel")
+  w, w2 = np.asarray(flat1[key]).T, np.asarray(flat2[key]).T  # torch (out, in)
+  lo, hi = np.asarray(want["layers.0.residual_group.blocks.0.mlp.fc1.weight_quantizer"])
+  assert w2.shape == (120, 60) and not np.allclose(lo, lo[0])
+  step = (hi - lo) / np.float32(3)
+  np.testing.assert_allclose(w2, np.round((np.clip(w, lo[:, None], hi[:, None]) - lo[:, None])
+                                          / step[:, None]) * step[:, None] + lo[:, None],
+                             rtol=0, atol=1e-6)
+  assert max(len(np.unique(row)) for row in w2) <= 4
+  with pytest.raises(ValueError, match="version 1 holds per-tensor bounds"):
+    packed.export_packed(tmp_path / "v1.safetensors", params, quant, scale=4, bits=2,
+                         method="x", source_sha256="0" * 64, version=1)
 
 
 def _tiny_set5(root: Path, benchmarks: Path) -> None:

@@ -31,6 +31,8 @@ def _config(fields=None, method="2dquant"):
     ({"scale": 5}, "config.scale must be 2, 3 or 4"),
     ({"bits": 9}, "config.bits must be between 2 and 8"),
     ({"method": "fp,nope"}, "config.method must be"),
+    ({"method": "dobi,2dquant+rot", "model.bounds": "b.json"},
+     "config.model.bounds: method '2dquant\\+rot' changes the network"),
     ({"eval.engine": "float"}, "config.eval.engine must be one of"),
     ({"eval.tile": 12}, "config.eval.tile must be a positive multiple of 8"),
     ({"eval.datasets": " , "}, "config.eval.datasets is empty"),
@@ -58,8 +60,8 @@ def test_parse_rejects_each_bad_field_in_one_line(fields, message):
 
 def test_parse_builds_what_a_run_needs():
   s = settings.parse(_config(method="all"))
-  assert s.methods == methods.ALL and s.quantized == methods.QUANTIZED
-  assert set(s.calibrations) == set(methods.QUANTIZED)
+  assert s.methods == methods.ALL and s.quantized == methods.quantized(methods.ALL)
+  assert set(s.calibrations) == set(methods.quantized(methods.ALL))
   assert s.calibrations["2dquant"].method == "dobi"
   assert (s.dqc.scale, s.dqc.bits, s.loop.batch_size) == (4, 2, 32)
   assert s.host == settings.HostSettings("auto", 0, 32) and s.figures is None
@@ -82,8 +84,8 @@ def test_settings_module_imports_only_the_registry():
 
 def _name_tests(path) -> list[str]:
   """Comparisons in `path` with a method name literal ('x' == m, m in ('a', 'b'), ...). Two
-  other vocabularies share some of the words and are not method tests: a model `.mode`
-  ('fp', nn/layers.py) and a calibration search's `.method` (settings.CALIBRATIONS)."""
+  other vocabularies share some of the words and are not method tests: a model's `mode` or
+  `.mode` ('fp', nn/layers.py) and a calibration search's `.method` (settings.CALIBRATIONS)."""
   found = []
   for node in ast.walk(ast.parse(path.read_text())):
     if not isinstance(node, ast.Compare):
@@ -95,8 +97,10 @@ def _name_tests(path) -> list[str]:
         if not (isinstance(item, ast.Constant) and item.value in methods.REGISTRY):
           continue
         others = [o for o in operands if o is not x]
-        if any(isinstance(o, ast.Attribute) and (o.attr == "mode" or (
-            o.attr == "method" and item.value in settings.CALIBRATIONS)) for o in others):
+        if any((isinstance(o, ast.Name) and o.id == "mode") or
+               (isinstance(o, ast.Attribute) and (o.attr == "mode" or (
+                   o.attr == "method" and item.value in settings.CALIBRATIONS)))
+               for o in others):
           continue
         found.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno}: {ast.unparse(node)}")
   return found

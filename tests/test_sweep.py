@@ -118,11 +118,13 @@ def test_sweep_of_two_tiny_cells(tmp_path, reference, benchmarks, monkeypatch, c
     results = json.loads((workdir / row["cell"] / "results.json").read_text())
     assert results["complete"] is True
     got = results["methods"][row["method"]]["datasets"]["Set5"]
-    assert row["datasets"]["Set5"] == {"psnr": got["psnr"], "ssim": got["ssim"]}
+    fidelity = {"vs_fp": got["vs_fp"]} if row["method"] != "fp" else {}
+    assert row["datasets"]["Set5"] == {"psnr": got["psnr"], "ssim": got["ssim"], **fidelity}
   md = (workdir / "table3.md").read_text()
   fp = rows[0]["datasets"]["Set5"]
   assert f"| FP | 32/32 | {fp['psnr']:.2f} | {fp['ssim']:.4f} |" in md
   assert rows[1]["datasets"]["Set5"]["psnr"] < fp["psnr"]  # W2 MinMax is worse than FP
+  assert f"| {rows[1]['datasets']['Set5']['vs_fp']:.2f} |" in md and "Set5 vs FP" in md
 
   # A rerun skips both cells (nothing is read or run) and rebuilds the same table.
   caplog.clear()

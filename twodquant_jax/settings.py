@@ -78,8 +78,20 @@ class DQCSettings:
   microbatch: int = 0  # >0: gradients accumulated over microbatches of at most this size;
   # AUTO_MICROBATCH: the largest that fits the device (ptq/dqc/memory.py resolves it)
   arch: tuple[tuple[str, Any], ...] = ()  # SwinIR keyword overrides (tests: a tiny network)
+  # Learned weight rounding (students with arch rounding only; `ptq/rounding.py`): the
+  # regulariser's weight, beta annealed start -> end after a warm-up fraction of the steps
+  # without it, and the offsets' Adam learning rate (0: the bounds' lr, one Adam for both).
+  rounding_weight: float = 1e-3
+  rounding_beta_start: float = 20.0
+  rounding_beta_end: float = 2.0
+  rounding_warmup: float = 0.2
+  rounding_lr: float = 0.0
 
   def __post_init__(self):
+    if self.rounding_weight < 0 or self.rounding_lr < 0 or not 0 <= self.rounding_warmup < 1:
+      raise ValueError("config.dqc.rounding_weight and rounding_lr must be >= 0 and "
+                       f"rounding_warmup in [0, 1), got {self.rounding_weight}, "
+                       f"{self.rounding_lr}, {self.rounding_warmup}")
     if self.loss not in LOSSES:
       raise ValueError(f"config.dqc.loss must be one of {LOSSES}, got {self.loss!r}")
     if self.schedule not in SCHEDULES:
@@ -219,6 +231,7 @@ class EvalSettings:
   save_sr: bool = False
   engine: str = "fake"
   buckets: bool = True  # a few compiled shapes for every image size (eval/predict.py)
+  vs_fp: bool = True  # quantized rows: PSNR against the FP model's SR too (the "vs FP" column)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -324,7 +337,12 @@ def dqc_settings(config: ml_collections.ConfigDict, arch: Mapping[str, Any] | No
                      lr=float(d.lr), b1=float(d.b1), b2=float(d.b2), eps=float(d.eps),
                      schedule=str(d.schedule), loss=str(d.loss),
                      feature_weight=float(d.feature_weight), remat=bool(d.remat),
-                     microbatch=parse_microbatch(d.microbatch), arch=arch_items)
+                     microbatch=parse_microbatch(d.microbatch), arch=arch_items,
+                     rounding_weight=float(d.get("rounding_weight", 1e-3)),
+                     rounding_beta_start=float(d.get("rounding_beta_start", 20.0)),
+                     rounding_beta_end=float(d.get("rounding_beta_end", 2.0)),
+                     rounding_warmup=float(d.get("rounding_warmup", 0.2)),
+                     rounding_lr=float(d.get("rounding_lr", 0.0)))
 
 
 def loop_settings(config: ml_collections.ConfigDict) -> LoopSettings:
@@ -541,6 +559,11 @@ def _parse_run(config: ml_collections.ConfigDict, scale: int, bits: int,
       raise ValueError(f"config.model.packed evaluates a quantized model: config.method must "
                        f"name quantized methods only (one of {method_registry.QUANTIZED}), "
                        f"got {config.method!r}")
+  changed = [q for q in quantized if method_registry.REGISTRY[q].changes_network]
+  if m.bounds and changed:
+    raise ValueError(f"config.model.bounds: method {changed[0]!r} changes the network (stages, "
+                     "options or bias correction), so bounds alone cannot rebuild it: evaluate "
+                     "its packed file (config.model.packed) instead")
   dqc = loop = None
   if trains_dqc(config, methods):
     dqc = dataclasses.replace(dqc_settings(config), scale=int(scale), bits=int(bits))
@@ -560,7 +583,7 @@ def _parse_run(config: ml_collections.ConfigDict, scale: int, bits: int,
                         batch_pixels=int(e.batch_pixels), tile=int(e.tile or 0),
                         tile_overlap=int(e.tile_overlap), tile_blend=str(e.tile_blend),
                         save_sr=bool(e.save_sr), engine=str(e.engine),
-                        buckets=bool(e.get("buckets", True))),
+                        buckets=bool(e.get("buckets", True)), vs_fp=bool(e.get("vs_fp", True))),
       calib=CalibSource(str(config.calib.root), str(config.calib.batch_file),
                         int(config.calib.num_patches), int(config.calib.lr_size),
                         bool(config.calib.augment)),

@@ -14,6 +14,10 @@ where it does not bind, |l'| <= s / 2, so the three correction terms are small n
 one and the float sum does not cancel (with z = 0, K l_a l_w can be 50x the result and the engine
 lost ~6 bits against the fake-quant matmul, enough to flip codes at the next quantizer). The integer
 sums are exact in float32 while K * 128^2 < 2^24 (K < 1024; SwinIR-light's largest K is 120).
+
+Per-output-channel weight bounds (`SwinIR.weight_channels`) give a kernel (K, N) one s_w, l_w and
+z per column: `Coded.scale` and `base` are then (N,) vectors, and every term of the formula
+above broadcasts over the output columns unchanged (activations stay per tensor).
 """
 
 from __future__ import annotations
@@ -36,8 +40,8 @@ def zero_point(lower: jnp.ndarray, step: jnp.ndarray, bits: int) -> jnp.ndarray:
 class Coded:
   """A quantized tensor as int8 codes: value = scale * codes + base (module doc)."""
   codes: jnp.ndarray  # int8 q - z
-  scale: jnp.ndarray  # 0-d float32 s
-  base: jnp.ndarray   # 0-d float32 l + s z
+  scale: jnp.ndarray  # float32 s: 0-d, or (N,) per output column of a weight
+  base: jnp.ndarray   # float32 l + s z, shaped as scale
 
   def swapaxes(self, a: int, b: int) -> "Coded":
     return self.replace(codes=self.codes.swapaxes(a, b))
@@ -60,8 +64,9 @@ def encode(x: jnp.ndarray, lower: jnp.ndarray, upper: jnp.ndarray, bits: int) ->
 def int_matmul(a: Coded, w: Coded) -> jnp.ndarray:
   """`a.values() @ w.values()` computed on the integer codes; float32 result.
 
-  a: (..., M, K). w: (K, N) (a linear layer's kernel), or (..., K, N) with the same leading
-  (batch) dims as a (attention's batched matmuls). Returns (..., M, N).
+  a: (..., M, K). w: (K, N) (a linear layer's kernel, whose scale and base may be (N,) per
+  column), or (..., K, N) with the same leading (batch) dims as a (attention's batched
+  matmuls). Returns (..., M, N).
   """
   qa, qw = a.codes, w.codes
   k = qa.shape[-1]

@@ -25,9 +25,12 @@ import jax
 import jax.numpy as jnp
 
 from twodquant_jax.nn.intmath import Coded, encode, int_matmul
-from twodquant_jax.nn.quantizer import BOUNDS, CALIB, fake_quant
+from twodquant_jax.nn.quantizer import (BOUNDS, CALIB, fake_quant, rounding_offset_init,
+                                        soft_round_quant)
 
 MODES = ("fp", "capture", "quant", "int")
+ROUNDING = "rounding"  # collection of the learned-rounding offsets (SwinIR.rounding)
+OFFSET = "offset"  # variable name inside each weight quantizer's 'rounding' entry
 VJP_PATHS = ("auto", "cpu", "plain")  # matmul gradients: by backend, XLA:CPU's forms, plain
 
 
@@ -165,14 +168,22 @@ _linear_cpu.defvjp(_linear_fwd, _linear_bwd)
 
 
 class FakeQuant(nn.Module):
-  """One per-tensor two-bound fake quantizer (paper Eq. 1), identity in 'fp'/'capture' mode;
-  in 'int' mode it returns the int8 codes (`Coded`) instead of their float values.
+  """One two-bound fake quantizer (paper Eq. 1), identity in 'fp'/'capture' mode; in 'int' mode
+  it returns the int8 codes (`Coded`) instead of their float values.
+
+  `channels` (weights only): one pair of bounds per output channel (last axis), 'quant' bounds
+  of shape (2, out) instead of (2,). `rounding` (weights only, 'quant' mode): learned rounding,
+  the code floor((w - l) / s) + h(V) with V from the 'rounding' collection (created from the
+  weight and the bounds when that collection is mutable); such a student is baked
+  (`ptq.rounding.bake`) before 'int' mode or export.
 
   Which calibration rule a quantizer gets (e.g. the paper's one-sided DOBI for the attention map
   and the fc2 input) is decided from its name by the calibration code, not here.
   """
   mode: str = "fp"
   bits: int = 4
+  channels: bool = False
+  rounding: bool = False
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -181,10 +192,20 @@ class FakeQuant(nn.Module):
     if self.mode == "capture":
       self.sow(CALIB, "input", x, reduce_fn=lambda _, new: new, init_fn=lambda: None)
       return x
-    bounds = self.variable("quant", BOUNDS, lambda: jnp.array([-1.0, 1.0], jnp.float32))
+    shape = (2, x.shape[-1]) if self.channels else (2,)
+    bounds = self.variable("quant", BOUNDS, lambda: jnp.broadcast_to(
+        jnp.array([-1.0, 1.0], jnp.float32).reshape((2,) + (1,) * (len(shape) - 1)), shape))
+    lower, upper = bounds.value[0], bounds.value[1]
+    if self.rounding and self.mode == "quant":
+      offset = self.variable(ROUNDING, OFFSET,
+                             lambda: rounding_offset_init(x, lower, upper, self.bits))
+      return soft_round_quant(x, lower, upper, offset.value, self.bits)
+    if self.rounding:
+      raise ValueError("learned rounding runs in 'quant' mode only: bake it into the weights "
+                       "(ptq.rounding.bake) before the integer engine")
     if self.mode == "int":
-      return encode(x, bounds.value[0], bounds.value[1], self.bits)
-    return fake_quant(x, bounds.value[0], bounds.value[1], self.bits)
+      return encode(x, lower, upper, self.bits)
+    return fake_quant(x, lower, upper, self.bits)
 
 
 ROTATION = "rotation"  # collection of the run-time input rotations (`rotate_input`)
@@ -207,6 +228,8 @@ class QuantDense(nn.Module):
   mode: str = "fp"
   bits: int = 4
   rotate: bool = False
+  weight_channels: bool = False  # per-output-channel weight bounds
+  rounding: bool = False  # learned weight rounding
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
@@ -215,7 +238,8 @@ class QuantDense(nn.Module):
     if self.rotate:
       x = rotate_input(self, x)
     x = FakeQuant(self.mode, self.bits, name="act_quantizer")(x)
-    kernel = FakeQuant(self.mode, self.bits, name="weight_quantizer")(kernel)
+    kernel = FakeQuant(self.mode, self.bits, self.weight_channels, self.rounding,
+                       name="weight_quantizer")(kernel)
     return _dense(x, kernel) + bias
 
 
@@ -223,10 +247,12 @@ class _QuantPair(nn.Module):
   """Weight and input quantizers of one of the q/k/v slices of the qkv linear."""
   mode: str
   bits: int
+  weight_channels: bool = False
+  rounding: bool = False
 
   def setup(self):
     self.act_quantizer = FakeQuant(self.mode, self.bits)
-    self.weight_quantizer = FakeQuant(self.mode, self.bits)
+    self.weight_quantizer = FakeQuant(self.mode, self.bits, self.weight_channels, self.rounding)
 
   def __call__(self, x: jnp.ndarray, kernel: jnp.ndarray, bias: jnp.ndarray) -> jnp.ndarray:
     return _dense(self.act_quantizer(x), self.weight_quantizer(kernel)) + bias
@@ -243,6 +269,8 @@ class QuantQKV(nn.Module):
   mode: str = "fp"
   bits: int = 4
   rotate: bool = False  # one input rotation shared by q, k and v (`rotate_input`)
+  weight_channels: bool = False  # per-output-channel weight bounds (each slice its own)
+  rounding: bool = False  # learned weight rounding
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> Sequence[jnp.ndarray]:
@@ -257,5 +285,6 @@ class QuantQKV(nn.Module):
     outs = []
     for i, part in enumerate("qkv"):
       sl = slice(i * self.features, (i + 1) * self.features)
-      outs.append(_QuantPair(self.mode, self.bits, name=part)(x, kernel[:, sl], bias[sl]))
+      outs.append(_QuantPair(self.mode, self.bits, self.weight_channels, self.rounding,
+                             name=part)(x, kernel[:, sl], bias[sl]))
     return tuple(outs)

@@ -1,4 +1,8 @@
-"""Per-tensor fake quantization (SPEC section 2, paper Eq. 1) with the released code's gradients.
+"""Fake quantization (SPEC section 2, paper Eq. 1) with the released code's gradients.
+
+Bounds are per tensor (0-d) for the paper; per output channel (shape (out,), broadcast against a
+(in, out) kernel) with `SwinIR.weight_channels`: the backward sums each bound's gradient over
+the elements it quantizes. Learned (AdaRound-style) rounding of weights is at the end.
 
 Forward: v_c = clip(v, l, u); s = (u - l) / (2^N - 1); v_r = round((v_c - l) / s) (half to even);
 v_q = s * v_r + l.
@@ -116,7 +120,7 @@ def _fake_quant_bwd(bits, res, g):
   if jnp.shape(lower) == jnp.shape(upper) == ():
     below, above, resid = _sums_per_row((below, above, resid))
     g_l, g_u = below + resid / levels, above - resid / levels
-  else:  # bounds broadcast against v (not used by the model): sum back to each bound's shape
+  else:  # bounds broadcast against v (per-channel weights): sum back to each bound's shape
     g_l = _sum_to_shape(below, jnp.shape(lower)) + _sum_to_shape(resid, jnp.shape(lower)) / levels
     g_u = _sum_to_shape(above, jnp.shape(upper)) - _sum_to_shape(resid, jnp.shape(upper)) / levels
   return g_v.astype(v.dtype), g_l.astype(lower.dtype), g_u.astype(upper.dtype)
@@ -157,3 +161,56 @@ def quant_codes(v: jnp.ndarray, lower: jnp.ndarray, upper: jnp.ndarray, bits: in
   """
   v, lower, upper = _as_float(v, lower, upper, bits)
   return _forward(v, lower, upper, bits)[2]
+
+
+# ----------------------------------------------------------------------------- learned rounding
+# AdaRound-style rounding of weights: the code is floor((w - l) / s) plus a learned h in [0, 1],
+# h = rectified_sigmoid(offset), clipped to [0, 2^N - 1] so it never leaves the N-bit range.
+
+ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (AdaRound's values)
+
+
+def rectified_sigmoid(offset: jnp.ndarray) -> jnp.ndarray:
+  """h(V) = clip(sigmoid(V) (zeta - gamma) + gamma, 0, 1): exactly 0 or 1 for large |V|."""
+  return jnp.clip(jax.nn.sigmoid(offset) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def _floor_t(v, lower, upper, bits):
+  """(s, t) with t = (v - l) / s unclipped, the division as `fake_quant` does it."""
+  s = quant_step(lower, upper, bits)
+  return s, _true_div(v - lower, s)
+
+
+def rounding_offset_init(v: jnp.ndarray, lower: jnp.ndarray, upper: jnp.ndarray, bits: int
+                         ) -> jnp.ndarray:
+  """The offsets V with h(V) = frac((v - l) / s): the soft code starts at t itself, so the
+  soft-rounded weight starts at the weight (inside [l, u]) and h >= 1/2 where round-to-nearest
+  rounds up."""
+  v, lower, upper = _as_float(v, lower, upper, bits)
+  _, t = _floor_t(v, lower, upper, bits)
+  p = (t - jnp.floor(t) - GAMMA) / (ZETA - GAMMA)  # in [1/12, 11/12]: finite logits
+  return jnp.log(p) - jnp.log1p(-p)
+
+
+def soft_round_quant(v: jnp.ndarray, lower: jnp.ndarray, upper: jnp.ndarray,
+                     offset: jnp.ndarray, bits: int) -> jnp.ndarray:
+  """s * clip(floor(t) + h(V), 0, 2^N - 1) + l, t = (v - l) / s: the weight with learned rounding.
+
+  Differentiable in V and in the bounds (floor is straight-through in t, so for codes inside
+  the range the bounds get d/dl = 1 - (h - frac) / (2^N - 1)-type terms as with `fake_quant`;
+  a clipped code depends on the bounds through s and l only). No gradient to v (weights fixed).
+  """
+  v, lower, upper = _as_float(v, lower, upper, bits)
+  s, t = _floor_t(jax.lax.stop_gradient(v), lower, upper, bits)
+  base = t + jax.lax.stop_gradient(jnp.floor(t) - t)
+  codes = jnp.clip(base + rectified_sigmoid(offset), 0.0, float(num_levels(bits)))
+  return s * codes + lower
+
+
+def hard_round_codes(v: jnp.ndarray, lower: jnp.ndarray, upper: jnp.ndarray,
+                     offset: jnp.ndarray, bits: int) -> jnp.ndarray:
+  """The learned codes clip(floor(t) + [V >= 0], 0, 2^N - 1) (floats): what baking keeps."""
+  v, lower, upper = _as_float(v, lower, upper, bits)
+  _, t = _floor_t(v, lower, upper, bits)
+  up = (jnp.asarray(offset) >= 0).astype(t.dtype)
+  return jnp.clip(jnp.floor(t) + up, 0.0, float(num_levels(bits)))

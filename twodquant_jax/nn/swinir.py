@@ -136,6 +136,8 @@ class WindowAttention(nn.Module):
   mode: str = "fp"
   bits: int = 4
   rotate: tuple[str, ...] = ()  # run-time input rotations (ROTATE_KINDS)
+  weight_channels: bool = False  # per-output-channel weight bounds (SwinIR.weight_channels)
+  rounding: bool = False  # learned weight rounding (SwinIR.rounding)
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, mask: np.ndarray | jnp.ndarray | None) -> jnp.ndarray:
@@ -143,7 +145,8 @@ class WindowAttention(nn.Module):
     b_, n, c = x.shape
     nh, hd = self.num_heads, c // self.num_heads
     ws = self.window_size
-    q, k, v = QuantQKV(self.dim, self.mode, self.bits, "qkv" in self.rotate, name="qkv")(x)
+    q, k, v = QuantQKV(self.dim, self.mode, self.bits, "qkv" in self.rotate,
+                       self.weight_channels, self.rounding, name="qkv")(x)
     heads = lambda t: t.reshape(b_, n, nh, hd).transpose(0, 2, 1, 3)
     q, k, v = heads(q) * (hd ** -0.5), heads(k), heads(v)
     q = FakeQuant(self.mode, self.bits, name="mymodule_q")(q)
@@ -163,7 +166,8 @@ class WindowAttention(nn.Module):
     attn = jax.nn.softmax(attn, axis=-1)
     attn = FakeQuant(self.mode, self.bits, name="mymodule_a")(attn)
     out = qmatmul(attn, v).transpose(0, 2, 1, 3).reshape(b_, n, c)
-    return QuantDense(self.dim, self.mode, self.bits, name="proj")(out)
+    return QuantDense(self.dim, self.mode, self.bits, weight_channels=self.weight_channels,
+                      rounding=self.rounding, name="proj")(out)
 
 
 class Mlp(nn.Module):
@@ -172,13 +176,17 @@ class Mlp(nn.Module):
   mode: str = "fp"
   bits: int = 4
   rotate: tuple[str, ...] = ()
+  weight_channels: bool = False  # per-output-channel weight bounds (SwinIR.weight_channels)
+  rounding: bool = False  # learned weight rounding (SwinIR.rounding)
 
   @nn.compact
   def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
     dim = x.shape[-1]
-    x = QuantDense(self.hidden, self.mode, self.bits, "fc1" in self.rotate, name="fc1")(x)
+    x = QuantDense(self.hidden, self.mode, self.bits, "fc1" in self.rotate, self.weight_channels,
+                   self.rounding, name="fc1")(x)
     x = nn.gelu(x, approximate=False)
-    return QuantDense(dim, self.mode, self.bits, "fc2" in self.rotate, name="fc2")(x)
+    return QuantDense(dim, self.mode, self.bits, "fc2" in self.rotate, self.weight_channels,
+                      self.rounding, name="fc2")(x)
 
 
 class SwinBlock(nn.Module):
@@ -191,6 +199,8 @@ class SwinBlock(nn.Module):
   mode: str = "fp"
   bits: int = 4
   rotate: tuple[str, ...] = ()
+  weight_channels: bool = False  # per-output-channel weight bounds (SwinIR.weight_channels)
+  rounding: bool = False  # learned weight rounding (SwinIR.rounding)
 
   @nn.compact
   def __call__(self, x: jnp.ndarray, hw: tuple[int, int],
@@ -207,7 +217,7 @@ class SwinBlock(nn.Module):
       y = _gather_tokens(y, region.roll)
       mask = region_mask(region.regions, ws)
     y = WindowAttention(self.dim, self.num_heads, ws, self.mode, self.bits, self.rotate,
-                        name="attn")(
+                        self.weight_channels, self.rounding, name="attn")(
         window_partition(y, ws), mask)
     y = window_reverse(y, ws, h, w)
     if s and region is None:
@@ -217,7 +227,7 @@ class SwinBlock(nn.Module):
     x = x + y.reshape(b, h * w, c)
     y = nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False, name="norm2")(x)
     return x + Mlp(int(self.dim * self.mlp_ratio), self.mode, self.bits, self.rotate,
-                   name="mlp")(y)
+                   self.weight_channels, self.rounding, name="mlp")(y)
 
 
 class _Stage(nn.Module):
@@ -232,6 +242,8 @@ class _Stage(nn.Module):
   remat: bool = False
   scan_blocks: bool = False
   rotate: tuple[str, ...] = ()
+  weight_channels: bool = False  # per-output-channel weight bounds (SwinIR.weight_channels)
+  rounding: bool = False  # learned weight rounding (SwinIR.rounding)
 
 
 def _scans(module: nn.Module) -> bool:
@@ -272,14 +284,16 @@ class BlockStack(_Stage):
     self.blocks = [
         block(self.dim, self.num_heads, self.window_size,
                   0 if i % 2 == 0 else self.window_size // 2, self.mlp_ratio, self.mode,
-                  self.bits, self.rotate) for i in range(self.depth)
+                  self.bits, self.rotate, self.weight_channels, self.rounding)
+                  for i in range(self.depth)
     ]
 
   @nn.nowrap
   def _block_def(self, shift: int) -> SwinBlock:
     """An unbound Swin block of this stack, applied functionally inside the scan."""
     return SwinBlock(self.dim, self.num_heads, self.window_size, shift, self.mlp_ratio,
-                     self.mode, self.bits, self.rotate, parent=None)
+                     self.mode, self.bits, self.rotate, self.weight_channels, self.rounding,
+                     parent=None)
 
   def __call__(self, x: jnp.ndarray, hw: tuple[int, int],
                region: ValidRegion | None = None) -> jnp.ndarray:
@@ -314,7 +328,8 @@ class RSTB(_Stage):
   def setup(self):
     self.residual_group = BlockStack(self.dim, self.depth, self.num_heads, self.window_size,
                                      self.mlp_ratio, self.mode, self.bits, self.remat,
-                                     self.scan_blocks, self.rotate)
+                                     self.scan_blocks, self.rotate, self.weight_channels,
+                                     self.rounding)
     self.conv = _conv(self.dim)
 
   def __call__(self, x: jnp.ndarray, hw: tuple[int, int], region: ValidRegion | None = None
@@ -363,6 +378,8 @@ class SwinIR(nn.Module):
   # Run-time input rotations of the linears named (ROTATE_KINDS): x -> x R before the input
   # quantizer, R from the 'rotation' collection (one per block and linear), R^T W in the params.
   rotate: tuple[str, ...] = ()
+  weight_channels: bool = False  # weight bounds per output channel, shape (2, out)
+  rounding: bool = False  # learned weight rounding ('rounding' collection; baked before export)
 
   def setup(self):
     check_mode(self.mode)
@@ -373,7 +390,8 @@ class SwinIR(nn.Module):
     self.patch_embed_norm = nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False)
     self.layers = [
         RSTB(self.embed_dim, d, h, self.window_size, self.mlp_ratio, self.mode, self.bits,
-             self.remat, self.scan_blocks, tuple(self.rotate))
+             self.remat, self.scan_blocks, tuple(self.rotate), self.weight_channels,
+             self.rounding)
         for d, h in zip(self.depths, self.num_heads)
     ]
     self.norm = nn.LayerNorm(epsilon=LN_EPS, use_fast_variance=False)
@@ -409,7 +427,7 @@ class SwinIR(nn.Module):
     """A standalone (unbound) RSTB i, to run one stage at a time with `params[stage_name(i)]`."""
     return RSTB(self.embed_dim, self.depths[i], self.num_heads[i], self.window_size,
                 self.mlp_ratio, mode or self.mode, self.bits, self.remat, self.scan_blocks,
-                tuple(self.rotate), parent=None)
+                tuple(self.rotate), self.weight_channels, self.rounding, parent=None)
 
   @staticmethod
   def stage_name(i: int) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
 
-from twodquant_jax.methods import ALL, LABELS
+from twodquant_jax.methods import LABELS, ROWS
 
 
 def build(cells: Sequence[Mapping[str, Any]], results: Mapping[str, Mapping | None]) -> dict:
@@ -24,10 +24,11 @@ def build(cells: Sequence[Mapping[str, Any]], results: Mapping[str, Mapping | No
   Returns:
     {"scales": {"4": {"datasets": [...], "rows": [row, ...]}}, "missing": [cell names],
     "finished": [cell names]}, a row being {"method", "label", "bits" ("32/32" or "b/b"),
-    "cell", "datasets": {name: {"psnr", "ssim"}} (empty for a missing cell)}.
+    "cell", "datasets": {name: {"psnr", "ssim", and for quantized rows "vs_fp": PSNR against
+    the FP model's SR}} (empty for a missing cell)}.
   """
   table: dict[str, Any] = {"scales": {}, "missing": [], "finished": []}
-  order = {m: i for i, m in enumerate(ALL)}
+  order = {m: i for i, m in enumerate(ROWS)}
   for cell in cells:
     name, scale = cell["cell"], str(cell["scale"])
     got = results.get(name)
@@ -36,7 +37,8 @@ def build(cells: Sequence[Mapping[str, Any]], results: Mapping[str, Mapping | No
     bits = "32/32" if cell["bits"] is None else f"{cell['bits']}/{cell['bits']}"
     for method in sorted(cell["methods"], key=lambda m: order.get(m, len(order))):
       entry = (got or {}).get("methods", {}).get(method, {})
-      datasets = {n: {"psnr": float(d["psnr"]), "ssim": float(d["ssim"])}
+      datasets = {n: {"psnr": float(d["psnr"]), "ssim": float(d["ssim"]),
+                      **({"vs_fp": float(d["vs_fp"])} if "vs_fp" in d else {})}
                   for n, d in entry.get("datasets", {}).items()}
       for n in datasets:
         if n not in block["datasets"]:
@@ -47,20 +49,28 @@ def build(cells: Sequence[Mapping[str, Any]], results: Mapping[str, Mapping | No
 
 
 def markdown(table: Mapping[str, Any]) -> str:
-  """Table 3 in Markdown: one table per scale, PSNR (dB) and SSIM columns per dataset."""
+  """Table 3 in Markdown: one table per scale, PSNR (dB) and SSIM columns per dataset, and
+  "vs FP" (PSNR against the FP model's SR) where a row recorded it."""
   lines = ["# SwinIR-light: PSNR (dB) / SSIM on Y (paper Table 3 layout)", ""]
   for scale, block in table["scales"].items():
     names = block["datasets"] or ["(no results)"]
-    lines += [f"## x{scale}", "",
-              "| Method | W/A | " + " | ".join(f"{n} PSNR | {n} SSIM" for n in names) + " |",
-              "|---|---|" + "---:|---:|" * len(names)]
+    fid = {n for n in names if any("vs_fp" in r["datasets"].get(n, {}) for r in block["rows"])}
+    cols = [c for n in names for c in ([f"{n} PSNR", f"{n} SSIM"]
+                                       + ([f"{n} vs FP"] if n in fid else []))]
+    lines += [f"## x{scale}", "", "| Method | W/A | " + " | ".join(cols) + " |",
+              "|---|---|" + "---:|" * len(cols)]
     for row in block["rows"]:
       cells = []
       for n in names:
         d = row["datasets"].get(n)
         cells += [f"{d['psnr']:.2f}", f"{d['ssim']:.4f}"] if d else ["-", "-"]
+        if n in fid:
+          cells.append(f"{d['vs_fp']:.2f}" if d and "vs_fp" in d else "-")
       lines.append(f"| {row['label']} | {row['bits']} | " + " | ".join(cells) + " |")
     lines.append("")
+    if fid:
+      lines += ["vs FP: PSNR (dB, Y, crop = scale) of the quantized SR against the FP model's SR "
+                "of the same input.", ""]
   if table["missing"]:
     lines.append(f"Missing cells (no finished results.json): {', '.join(table['missing'])}.")
   else:

@@ -9,16 +9,20 @@ from twodquant_jax.methods import LABELS, REGISTRY
 
 
 def results_markdown(results: Mapping) -> str:
-  """PSNR/SSIM per method (rows) and dataset (columns), in the layout of the paper's Table 3."""
+  """PSNR/SSIM per method (rows) and dataset (columns), in the layout of the paper's Table 3,
+  then per dataset the quantized rows' PSNR against the FP model's SR ("vs FP") when recorded."""
   methods = results["methods"]
   datasets: list[str] = []
   for entry in methods.values():
     for name in entry.get("datasets", {}):
       if name not in datasets:
         datasets.append(name)
+  fidelity = [n for n in datasets
+              if any("vs_fp" in e.get("datasets", {}).get(n, {}) for e in methods.values())]
   scale, bits = results["scale"], results["bits"]
-  head = "| Method | Bits (W/A) | " + " | ".join(datasets) + " |"
-  sep = "|---|---|" + "---|" * len(datasets)
+  head = ("| Method | Bits (W/A) | " + " | ".join(datasets + [f"{n} vs FP" for n in fidelity])
+          + " |")
+  sep = "|---|---|" + "---|" * (len(datasets) + len(fidelity))
   rows = [f"# SwinIR-light x{scale}: PSNR (dB) / SSIM on Y", "", head, sep]
   order = {m: i for i, m in enumerate(LABELS)}
   for method, entry in sorted(methods.items(), key=lambda kv: order.get(kv[0], len(order))):
@@ -28,7 +32,13 @@ def results_markdown(results: Mapping) -> str:
     for name in datasets:
       d = entry.get("datasets", {}).get(name)
       cells.append(f"{d['psnr']:.2f} / {d['ssim']:.4f}" if d else "-")
+    for name in fidelity:
+      d = entry.get("datasets", {}).get(name, {})
+      cells.append(f"{d['vs_fp']:.2f}" if "vs_fp" in d else "-")
     rows.append(f"| {LABELS.get(method, method)} | {b} | " + " | ".join(cells) + " |")
+  if fidelity:
+    rows += ["", "vs FP: PSNR (dB, Y, crop = scale) of each quantized SR against the FP "
+             "model's SR of the same input (FP-fidelity: what quantization loses)."]
   r = results.get("ratios")
   if r:
     rows += ["", f"Compression ratio {r['compression']:.2f}x, speedup ratio {r['speedup']:.2f}x "

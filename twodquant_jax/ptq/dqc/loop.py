@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -23,10 +24,15 @@ from twodquant_jax import distributed
 from twodquant_jax.data import patches
 from twodquant_jax.ptq.dqc import checkpoint as ckpt
 from twodquant_jax.ptq.dqc import memory as dqc_memory
-from twodquant_jax.ptq.dqc.step import (DATA_AXIS, DQCState, check_batch_size, data_mesh,
-                                        init_state, make_schedule)
+from twodquant_jax.nn.layers import ROUNDING
+from twodquant_jax.nn.student import Student
+from twodquant_jax.ptq import rounding as rounding_lib
+from twodquant_jax.ptq.dqc.step import (DATA_AXIS, DQCState, StudentWeights, Trainables,
+                                        bounds_of, check_batch_size, data_mesh, init_state,
+                                        make_schedule, student_weights)
 from twodquant_jax.settings import DQCSettings, LoopSettings
-from twodquant_jax.nn.names import tree_to_dict
+from twodquant_jax.nn.names import leaves_by_name
+from twodquant_jax.nn.quantizer import BOUNDS
 from twodquant_jax.progress import Progress
 
 
@@ -42,27 +48,58 @@ class NonFiniteError(RuntimeError):
     self.checkpoint_step = checkpoint_step
 
 
-def run_identity(settings: DQCSettings, loop: LoopSettings, params: Mapping, quant0: Mapping
+def run_identity(settings: DQCSettings, loop: LoopSettings, params: Any, quant0: Any
                  ) -> dict[str, Any]:
   """What a checkpoint must agree on to be resumed (all but the step count and bookkeeping),
-  in its JSON form (tuples as lists), as it is stored in and read back from a checkpoint."""
+  in its JSON form (tuples as lists), as it is stored in and read back from a checkpoint.
+  The rounding settings count only for a student with learned rounding, and the student's
+  options only for a `StudentWeights` student (so the paper's identities are unchanged)."""
   ident = {k: v for k, v in dataclasses.asdict(settings).items() if k != "steps"}
+  if not isinstance(quant0, Trainables):
+    ident = {k: v for k, v in ident.items() if not k.startswith("rounding_")}
   ident.update(seed=loop.seed, batch_size=loop.batch_size, lr_size=loop.lr_size,
                augment=loop.augment, calib_root=loop.calib_root,
                params=ckpt.fingerprint(params), initial_bounds=ckpt.fingerprint(quant0))
-  return json.loads(json.dumps(ident))
+  if isinstance(params, StudentWeights):
+    ident["student_arch"] = [list(kv) for kv in params.arch]
+  return json.loads(json.dumps(ident, default=list))
+
+
+def bounds_json(quant: Any) -> dict[str, list]:
+  """{quantizer name: [lower, upper]} (per-channel bounds: two lists), sorted by name."""
+  flat = leaves_by_name(bounds_of(quant), BOUNDS)
+  return {k: np.asarray(flat[k], np.float64).tolist() for k in sorted(flat)}
+
+
+def train_student(fp_params: Mapping, student: Student, quant: Mapping, settings: DQCSettings,
+                  loop: LoopSettings, workdir: str | Path, **kwargs
+                  ) -> tuple[Student, dict, dict[str, Any]]:
+  """DQC of a `Student` against the FP teacher: (the student, with its trained rounding offsets
+  when it has learned rounding, the final bounds, info). kwargs as `train`; with learned
+  rounding `validate` receives `Trainables`. Offsets start at round-to-nearest's fractions
+  (`rounding.init_offsets`) unless the student already holds some."""
+  if student.arch.get("rounding") and ROUNDING not in student.extra:
+    student = rounding_lib.init_offsets(student, quant, settings.bits)
+  final, info = train(fp_params, quant, settings, loop, workdir, student=student, **kwargs)
+  if isinstance(final, Trainables):
+    student = dataclasses.replace(student, extra={**student.extra, ROUNDING: final.rounding})
+  return student, bounds_of(final), info
 
 
 def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSettings,
-          workdir: str | Path, *, progress: bool = False, mesh: Mesh | None = None,
+          workdir: str | Path, *, student: Student | None = None, progress: bool = False,
+          mesh: Mesh | None = None,
           validate: Callable[[Mapping], float] | None = None,
           callback: Callable[[int, dict[str, Any]], None] | None = None,
           ) -> tuple[dict, dict[str, Any]]:
   """Runs DQC from the initial bounds `quant` (DOBI's), resuming from <workdir>/dqc_ckpt.
 
   Args:
-    params: the FP model's 'params'.
+    params: the FP model's 'params' (the teacher; and the student, unless `student`).
     quant: initial 'quant' collection (bounds).
+    student: the `Student` to train (default: the FP params, the paper). With learned rounding
+      (arch 'rounding') its 'rounding' collection trains too, and the final tree returned (and
+      passed to `validate`) is `Trainables` (see `train_student`).
     settings, loop: the step's and the loop's settings.
     workdir: where dqc_ckpt/ and dqc_log.jsonl go.
     progress: show a bar on a terminal (else, and always without a terminal, a progress line
@@ -81,6 +118,13 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
     NonFiniteError: the loss or a bound became non-finite (the last good checkpoint is kept).
     ValueError: a checkpoint in workdir from a different run.
   """
+  if student is not None:
+    if student.arch.get("rounding"):
+      if ROUNDING not in student.extra:
+        raise ValueError("a student with learned rounding needs its offsets: "
+                         "use train_student (or rounding.init_offsets)")
+      quant = Trainables(quant=quant, rounding=student.extra[ROUNDING])
+    params = student_weights(params, student)
   mesh = mesh or data_mesh()
   check_batch_size(loop.batch_size, mesh)
   repl = NamedSharding(mesh, P())
@@ -145,7 +189,7 @@ def train(params: Mapping, quant: Mapping, settings: DQCSettings, loop: LoopSett
     if state is not None and (step % loop.checkpoint_every == 0 or step == settings.steps):
       ckpt.save_checkpoint(manager, state, {
           "step": step, "steps": settings.steps, "seconds": seconds, "loss": final_loss,
-          "identity": identity, "bounds": tree_to_dict(state.quant)})
+          "identity": identity, "bounds": bounds_json(state.quant)})
       last_saved = step
 
   stream = None

@@ -1,6 +1,10 @@
 """The DQC train step: a pure function over a `DQCState` (step, bounds, Adam state).
 
 Only the 'quant' collection (the 768 bounds) is trained, with Adam, against the FP teacher.
+The student is the FP params themselves (the paper) or a `nn.student.Student` passed as
+`StudentWeights` (its own params, extra collections and SwinIR options next to the teacher's
+params); with learned rounding (arch 'rounding') the trained tree is `Trainables` (bounds and
+rounding offsets) and the loss gets the rounding regulariser.
 The batch is sharded over a 1-D 'data' mesh, the state replicated; XLA inserts the gradient
 all-reduce. `microbatched_value_and_grad` gives the whole-batch loss and gradient in the memory
 of one microbatch.
@@ -8,6 +12,7 @@ of one microbatch.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, Mapping, Sequence
 
@@ -18,7 +23,9 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from twodquant_jax.nn.layers import ROUNDING
 from twodquant_jax.nn.swinir import SwinIR
+from twodquant_jax.ptq import rounding as rounding_lib
 from twodquant_jax.ptq.dqc.loss import LOSS_FUNCTIONS, Aux, paper_loss, per_sample_norm
 from twodquant_jax.settings import AUTO_MICROBATCH, DQCSettings
 DATA_AXIS = "data"
@@ -26,15 +33,63 @@ DATA_AXIS = "data"
 Array = jnp.ndarray
 
 
-def model_for(settings: DQCSettings, mode: str = "fp") -> SwinIR:
-  """The teacher ('fp') or the student ('quant', rematerialised blocks if `settings.remat`).
+def model_for(settings: DQCSettings, mode: str = "fp",
+              student_arch: Mapping[str, Any] | Sequence = ()) -> SwinIR:
+  """The teacher ('fp') or the student ('quant', rematerialised blocks if `settings.remat`);
+  `student_arch`: the student's own SwinIR options (e.g. weight_channels), never the teacher's.
 
   Swin blocks scanned (`SwinIR.scan_blocks`) only with remat: on XLA:CPU the scanned step
   compiles 1.5x faster, but without remat runs 1.3-1.4x slower (its stacked residuals), with
   remat as fast (docs/measured/compile-scan.md). `arch` may still set `scan_blocks`."""
   arch = {"scan_blocks": settings.remat, **dict(settings.arch)}
+  if mode != "fp":
+    arch.update(dict(student_arch))
   return SwinIR(upscale=settings.scale, mode=mode, bits=settings.bits,
                 remat=settings.remat and mode == "quant", **arch)
+
+
+@flax.struct.dataclass
+class StudentWeights:
+  """What a step needs of a `Student` and its teacher, as one pytree argument: the teacher's FP
+  params, the student's params and extra collections, its SwinIR options (static)."""
+  teacher: Any
+  params: Any
+  extra: Any
+  arch: tuple = flax.struct.field(pytree_node=False, default=())
+
+
+@flax.struct.dataclass
+class Trainables:
+  """The trained tree of a student with learned rounding: the bounds and the offsets."""
+  quant: Any
+  rounding: Any
+
+
+def student_weights(fp_params: Mapping, student) -> StudentWeights:
+  """`StudentWeights` of a `nn.student.Student` (arch items sorted, lists as tuples)."""
+  arch = tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                      for k, v in dict(student.arch).items()))
+  extra = {k: v for k, v in dict(student.extra).items() if k != ROUNDING}
+  return StudentWeights(teacher=fp_params, params=student.params, extra=extra, arch=arch)
+
+
+def bounds_of(quant: Any) -> Any:
+  """The 'quant' collection of a trained tree (bounds, or `Trainables`)."""
+  return quant.quant if isinstance(quant, Trainables) else quant
+
+
+def _teacher_params(params: Any) -> Any:
+  return params.teacher if isinstance(params, StudentWeights) else params
+
+
+def _student_apply(params: Any, quant: Any, settings: DQCSettings):
+  """(student module, its variables) for the step's `params` and trained tree `quant`."""
+  trained = ({"quant": quant.quant, ROUNDING: quant.rounding} if isinstance(quant, Trainables)
+             else {"quant": quant})
+  if isinstance(params, StudentWeights):
+    return (model_for(settings, "quant", params.arch),
+            {"params": params.params, **params.extra, **trained})
+  return model_for(settings, "quant"), {"params": params, **trained}
 
 
 @flax.struct.dataclass
@@ -52,37 +107,50 @@ def make_schedule(settings: DQCSettings) -> optax.Schedule:
   return optax.constant_schedule(settings.lr)
 
 
-def make_optimizer(settings: DQCSettings) -> optax.GradientTransformation:
-  """Adam as PyTorch defines it (eps outside the sqrt, no weight decay)."""
-  return optax.adam(make_schedule(settings), b1=settings.b1, b2=settings.b2, eps=settings.eps)
+def make_optimizer(settings: DQCSettings, quant: Any = None) -> optax.GradientTransformation:
+  """Adam as PyTorch defines it (eps outside the sqrt, no weight decay). For `Trainables` with
+  `settings.rounding_lr` > 0, the offsets get their own Adam at that learning rate (same
+  schedule shape); otherwise one Adam serves the whole trained tree."""
+  adam = lambda lr: optax.adam(lr, b1=settings.b1, b2=settings.b2, eps=settings.eps)
+  if not isinstance(quant, Trainables) or not settings.rounding_lr:
+    return adam(make_schedule(settings))
+  rounding_schedule = make_schedule(dataclasses.replace(settings, lr=settings.rounding_lr))
+  labels = lambda t: Trainables(quant=jax.tree_util.tree_map(lambda _: "quant", t.quant),
+                                rounding=jax.tree_util.tree_map(lambda _: "rounding", t.rounding))
+  return optax.multi_transform({"quant": adam(make_schedule(settings)),
+                                "rounding": adam(rounding_schedule)}, labels)
 
 
-def init_state(settings: DQCSettings, quant: Mapping) -> DQCState:
-  """Step 0 with the initial (DOBI) bounds and a fresh Adam state."""
+def init_state(settings: DQCSettings, quant: Any) -> DQCState:
+  """Step 0 with the initial (DOBI) bounds (or `Trainables`) and a fresh Adam state."""
   quant = jax.tree_util.tree_map(jnp.asarray, quant)
   return DQCState(step=jnp.zeros((), jnp.int32), quant=quant,
-                  opt_state=make_optimizer(settings).init(quant))
+                  opt_state=make_optimizer(settings, quant).init(quant))
 
 
 def teacher_outputs(params: Mapping, x: Array, settings: DQCSettings) -> tuple[Array, list]:
   """The FP teacher's (output, features) on x, gradient-free. They do not depend on the bounds,
   so a step computes them once per batch and shares them between its passes."""
   teacher = model_for(settings, "fp")
-  return jax.lax.stop_gradient(teacher.apply({"params": params}, x, return_features=True))
+  return jax.lax.stop_gradient(teacher.apply({"params": _teacher_params(params)}, x,
+                                             return_features=True))
 
 
 def _forward_pair(params: Mapping, quant: Mapping, x: Array, settings: DQCSettings,
                   teacher: tuple[Array, list] | None = None):
   """(out_q, out, feats_q, feats): the student's and the (gradient-free) teacher's outputs."""
   out, feats = teacher if teacher is not None else teacher_outputs(params, x, settings)
-  out_q, feats_q = model_for(settings, "quant").apply({"params": params, "quant": quant}, x,
-                                                 return_features=True)
+  student, variables = _student_apply(params, quant, settings)
+  out_q, feats_q = student.apply(variables, x, return_features=True)
   return out_q, out, feats_q, feats
 
 
 def distillation_loss(params: Mapping, quant: Mapping, x: Array, settings: DQCSettings,
                       teacher: tuple[Array, list] | None = None) -> tuple[Array, Aux]:
   """DQC loss of the student (bounds `quant`) against the FP teacher on float images x in [0, 1].
+
+  `params`: the FP params (the paper's student) or `StudentWeights`; `quant`: the bounds or
+  `Trainables`. The rounding regulariser is not part of it (`train_step` adds it).
 
   Differentiate w.r.t. `quant` only; the teacher is under stop_gradient (pass its precomputed
   `teacher_outputs` to skip recomputing them).
@@ -215,14 +283,25 @@ def train_step(state: DQCState, lr_u8: Array, params: Mapping, settings: DQCSett
     teacher = teacher_outputs(params, x, settings)  # outside the differentiated function
     (loss, aux), grads = jax.value_and_grad(
         lambda q: distillation_loss(params, q, x, settings, teacher), has_aux=True)(state.quant)
-  updates, new_opt = make_optimizer(settings).update(grads, state.opt_state, state.quant)
+  l_round = jnp.zeros(())
+  if isinstance(state.quant, Trainables):  # the rounding regulariser, once per batch
+    beta = rounding_lib.beta_at(state.step, settings.steps, settings.rounding_beta_start,
+                                settings.rounding_beta_end, settings.rounding_warmup)
+    on = rounding_lib.regulariser_on(state.step, settings.steps, settings.rounding_warmup)
+    l_round, g_round = jax.value_and_grad(rounding_lib.regulariser)(state.quant.rounding, beta)
+    scale = settings.rounding_weight * on
+    grads = grads.replace(rounding=jax.tree_util.tree_map(lambda g, r: g + scale * r,
+                                                          grads.rounding, g_round))
+    loss = loss + scale * l_round
+  updates, new_opt = make_optimizer(settings, state.quant).update(grads, state.opt_state,
+                                                                  state.quant)
   new = DQCState(step=state.step + 1, quant=optax.apply_updates(state.quant, updates),
                  opt_state=new_opt)
   loss_ok = jnp.isfinite(loss)
   ok = loss_ok & _all_finite(new.quant) & _all_finite(new.opt_state)
   new = jax.tree_util.tree_map(lambda n, o: jnp.where(ok, n, o), new, state)
   metrics = {"loss": loss, "l_pix": aux["l_pix"], "l_feature": aux["l_feature"],
-             "loss_finite": loss_ok, "finite": ok}
+             "l_round": l_round, "loss_finite": loss_ok, "finite": ok}
   return new, metrics
 
 
