@@ -262,6 +262,7 @@ def main(argv) -> None:
       run_row(bits, row, out, table, inputs)
     if set(inputs.fp_srs) != saved:
       save_fp_srs(fp_path, inputs.fp_srs)
+  files.atomic_write(out / "beyond.md", markdown(table))
   print(markdown(table))
 
 

@@ -11,9 +11,10 @@ import ml_collections
 def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # fp | bicubic | minmax | percentile | dobi | 2dquant | all (all = the Table-3 comparison), or a
-  # row beyond the paper: dobi+ch | dobi+rot | dobi+smooth | dobi+bc | dobi++ | 2dquant+ch |
-  # 2dquant+rot | 2dquant+smooth | 2dquant+bc | 2dquant+round | 2dquant++ (twodquant_jax/methods.py,
-  # docs/beyond.md); beyond = all of those; all+ = every row; or a comma-separated list
+  # row beyond the paper: dobi+ch | dobi+rot | dobi+smooth | dobi+bc | dobi+ch+rot | dobi++ |
+  # 2dquant+ch | 2dquant+rot | 2dquant+smooth | 2dquant+bc | 2dquant+round | 2dquant+ch+rot |
+  # 2dquant++ (twodquant_jax/methods.py, docs/beyond.md); beyond = all of those; all+ = every row;
+  # or a comma-separated list
   c.method = method
   c.scale = scale
   c.bits = bits

@@ -7,8 +7,8 @@ method's bounds", so the pipeline, the reports and the sweep never test method n
 
 The paper's six rows come first and `method=all` names exactly them. The rows beyond the paper
 (selected by `method=beyond`, or all rows by `method=all+`) each add one change to DOBI or
-2DQuant (DOBI + DQC), and `2dquant++` combines the ones that pay off
-(docs/beyond.md has the measurements behind each choice):
+2DQuant (DOBI + DQC); `2dquant++` combines smoothing, rotation and per-channel bounds, and
+`+ch+rot` is the same without smoothing (docs/beyond.md has the measurements behind each choice):
   - `+ch`: per-output-channel weight bounds (each weight row gets its own [l, u]);
   - `+rot`: orthogonal (Hadamard with random signs) rotations of the quantized tensors;
   - `+smooth`: SmoothQuant-style channel scaling folded into LayerNorm and v;
