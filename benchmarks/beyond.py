@@ -39,7 +39,7 @@ from twodquant_jax.methods import LABELS, REGISTRY
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 ROWS = ("minmax", "dobi", "2dquant", "2dquant+ch", "2dquant+rot", "2dquant+smooth",
-        "2dquant+bc", "2dquant+round", "2dquant++")
+        "2dquant+bc", "2dquant+round", "2dquant+ch+rot", "2dquant++")
 PUBLISHED = (  # x4 W2A2 Set5 PSNR on the official weights (ANCHORS.md), for the README
     ("CompSRT", 31.44), ("CondiQuant", 30.64), ("2DQuant", 29.53))
 
@@ -101,6 +101,25 @@ def harvest(workdir: Path, table: dict, key: str) -> None:
         "dqc_seconds": (entry.get("dqc") or {}).get("seconds")}
 
 
+def summary_markdown(table: dict, names: tuple[str, ...] = ("Set5", "Set14", "B100")) -> str:
+  """The README's table: a row per method, a column per bit width and set, "HR PSNR / vs FP"."""
+  keys = sorted(k for k in table["rows"] if k != "fp")
+  head = [f"{k.upper()}A{k[1:]} {n}" for k in keys for n in names]
+  lines = ["| HR PSNR / vs FP (dB) | " + " | ".join(head) + " |",
+           "|---|" + "---|" * len(head)]
+  fp = table["rows"].get("fp", {}).get("fp", {}).get("datasets", {})
+  lines.append("| FP | " + " | ".join(f"{fp[n]['psnr']:.2f} / -" if n in fp else "-"
+                                      for _ in keys for n in names) + " |")
+  for method in [m for m in REGISTRY if any(m in table["rows"][k] for k in keys)]:
+    cells = []
+    for k in keys:
+      d = table["rows"][k].get(method, {}).get("datasets", {})
+      cells += [f"{d[n]['psnr']:.2f} / {d[n]['vs_fp']:.2f}" if "vs_fp" in d.get(n, {}) else "-"
+                for n in names]
+    lines.append(f"| {LABELS[method]} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
 def markdown(table: dict) -> str:
   """One table per bit width: PSNR / SSIM and vs FP per set, and vs FP against 2DQuant."""
   s = table["setup"]
@@ -135,6 +154,7 @@ def markdown(table: dict) -> str:
     lines.append("")
   if "statistics" in table:
     lines += [statistics_markdown(table["statistics"])]
+  lines += ["## All bit widths (the README's table)", "", summary_markdown(table)]
   lines += ["Published x4 W2A2 Set5 PSNR on the official weights (not this stand-in): "
             + ", ".join(f"{n} {v:.2f}" for n, v in PUBLISHED) + " (ANCHORS.md: CompSRT's codes "
             "are not clamped to 2^b levels; 2DQuant and CompSRT select checkpoints on Set5).", ""]

@@ -242,3 +242,29 @@ def test_bias_correction_restores_the_mean_output(tiny_params):
   bias1 = np.asarray(rounding.at_path(corrected.params, blk + ("bias",)))[:12]
   assert np.abs(bias1 - bias0).max() > 1e-4
   np.testing.assert_allclose(means[name] @ qw + bias1, means[name] @ w + bias0, atol=1e-5)
+
+
+# ---- DQC of a network whose weights a stage changed ----
+
+
+def test_pipeline_dqc_trains_the_network_a_stage_changed(tiny_params, tmp_path, calib_dir):
+  """A stage that changes only the weights (smoothing, bias correction: no extra collection, no
+  SwinIR option) still gives DQC a network of its own: `pipeline.run_dqc` trains the smoothed
+  student, so its bounds equal `train_student`'s on that student, and differ from those of the
+  paper's student (the FP weights) started from the same bounds."""
+  from twodquant_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from twodquant_jax.ptq import smooth  # pylint: disable=g-import-not-at-top
+  smoothed = smooth.smooth(Student(tiny_params, {}, ARCH), _lr(0), SCALE, 2)
+  net = Student(smoothed.params, {}, {})  # as the pipeline builds a '+smooth' row's network
+  quant0 = _calibrate(smoothed, 2)
+  config = _dqc_config(2, calib_dir)
+  settings = dataclasses.replace(run_settings.parse(config),
+                                 dqc=run_settings.dqc_settings(config, ARCH))
+  quant, _, _ = pipeline.run_dqc(settings, tiny_params, net, quant0, tmp_path / "run")
+  _, want, _ = dqc_loop.train_student(tiny_params, Student(smoothed.params, {}, {}), quant0,
+                                      settings.dqc, settings.loop, tmp_path / "student")
+  paper, _ = dqc_loop.train(tiny_params, quant0, settings.dqc, settings.loop, tmp_path / "paper")
+  leaves = lambda t: [np.asarray(x) for x in jax.tree_util.tree_leaves(t)]
+  for a, b in zip(leaves(quant), leaves(want)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  assert max(np.abs(a - b).max() for a, b in zip(leaves(quant), leaves(paper))) > 1e-6

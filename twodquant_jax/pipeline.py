@@ -658,7 +658,9 @@ def run_dqc(settings: RunSettings, params: dict, net: Student, quant0: dict, wor
   held-out validation when `dqc.val_root` is set (the paper's network only). Returns the
   bounds, the network to evaluate and export (learned rounding baked into its weights: plain
   round-to-nearest then gives the learned codes) and the info (with the log `records`)."""
-  if not net.extra and not net.arch:  # the paper's 2DQuant, exactly as before
+  # The paper's 2DQuant, exactly as before. A stage that changed only the weights (smoothing,
+  # bias correction) has no extra collection and no option, yet a network of its own.
+  if net.params is params and not net.extra and not net.arch:
     student = dqc_step.model_for(settings.dqc, "quant")
     quant, info = dqc_loop.train(params, quant0, settings.dqc, settings.loop, workdir,
                                  progress=_progress(settings),
