@@ -136,7 +136,7 @@ def main() -> None:
   for part in args.parts.split(","):
     if part == "dqc":
       s = dqc_step.DQCSettings(scale=args.scale, bits=args.bits, steps=args.steps + 2,
-                               remat=args.remat, arch=arch)
+                               remat="full" if args.remat else "off", arch=arch)
       result[part] = dqc_compare(s, params, quant, lr, sets, args.steps)
     else:
       result[part] = eval_compare(params, quant, part[len("eval_"):], sets, scale=args.scale,

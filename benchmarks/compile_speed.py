@@ -82,7 +82,7 @@ def _dqc(args, params, quant, lr) -> dict:
   runs = {}
   for key, scan in VARIANTS.items():
     s = dqc_step.DQCSettings(scale=args.scale, bits=args.bits, steps=args.steps + 2,
-                             remat=args.remat, arch=scan)
+                             remat="full" if args.remat else "off", arch=scan)
     state = jax.device_put(dqc_step.init_state(s, jax.tree_util.tree_map(np.array, quant)), repl)
     load0 = _load()
     lowered, lower_s, lower_cpu = _cpu_timed(
@@ -155,7 +155,7 @@ def add_args(ap: argparse.ArgumentParser, steps: int) -> None:
   ap.add_argument("--scale", type=int, default=4)
   ap.add_argument("--bits", type=int, default=2)
   ap.add_argument("--steps", type=int, default=steps)
-  ap.add_argument("--remat", action="store_true", help="config dqc.remat")
+  ap.add_argument("--remat", action="store_true", help="config dqc.remat=full (else off)")
   ap.add_argument("--parts", default="dqc,eval_fp,eval_quant")
   ap.add_argument("--out", default="")
 

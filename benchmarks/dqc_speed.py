@@ -7,10 +7,10 @@ crops + bicubic LR), which bounds the real loop's speed when it is slower than t
   python benchmarks/dqc_speed.py                      # batch 32, 64x64 LR, x4, 2 bits
   python benchmarks/dqc_speed.py --batch 4 --steps 5  # a CPU-sized run
   python benchmarks/dqc_speed.py --batch 4 --steps 4 --compare HEAD~1  # A/B in one process
-  python benchmarks/dqc_speed.py --batch 4 --steps 6 --compare_remat  # remat on vs off, A/B
+  python benchmarks/dqc_speed.py --batch 4 --steps 6 --compare_remat off  # remat auto vs off, A/B
 
 With `--compare REV`, the step of the package at git revision REV (see `ab_package.py`) is
-compiled too (`--compare_remat`: this package's step with the other `--remat`), and the two are
+compiled too (`--compare_remat MODE`: this package's step with remat MODE), and the two are
 timed alternately on the same state and batch, so the ratio holds on a loaded machine; it also
 reports whether their first-step losses are bit-identical, and each step's CPU seconds (all
 threads), steadier than wall time on a shared machine.
@@ -31,6 +31,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from twodquant_jax import host_runtime
+from twodquant_jax.settings import REMAT_SETTINGS
 from twodquant_jax.formats import convert
 from shared_paths import shared_dir
 from twodquant_jax.nn import names as qnames
@@ -64,13 +65,13 @@ def _minmax_bounds(settings: dqc_step.DQCSettings, params: dict, x: np.ndarray) 
 
 
 def _memory(compiled, before: dict, compiled_rss: dict, after: dict, mesh, rounds: int,
-            remat: bool) -> dict:
+            remat_full: bool) -> dict:
   """Resident sizes around the step (GB) and what ptq/dqc/memory.py would plan for it."""
   gb = lambda b: round(b / 1e9, 3)
   m = compiled.memory_analysis()
   need = dqc_memory.compiled_bytes(compiled)
   local = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
-  budget = dqc_memory.host_budget(local, resident=before["rss"], remat=remat)
+  budget = dqc_memory.host_budget(local, resident=before["rss"], remat=remat_full)
   return {"rss_before_gb": gb(before["rss"]), "peak_before_gb": gb(before["peak"]),
           "rss_compiled_gb": gb(compiled_rss["rss"]), "peak_compiled_gb": gb(compiled_rss["peak"]),
           "rss_after_gb": gb(after["rss"]), "peak_gb": gb(after["peak"]),
@@ -91,10 +92,10 @@ def main() -> None:
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--microbatch", type=int, default=0,
                   help="accumulate gradients over microbatches of this size (config dqc.microbatch)")
-  ap.add_argument("--remat", default=False, action=argparse.BooleanOptionalAction,
-                  help="wrap each Swin block in jax.checkpoint (config dqc.remat)")
-  ap.add_argument("--compare_remat", action="store_true",
-                  help="also time the step with the other remat setting, alternately (A/B)")
+  ap.add_argument("--remat", default="auto", choices=REMAT_SETTINGS,
+                  help="what the Swin blocks keep for the backward pass (config dqc.remat)")
+  ap.add_argument("--compare_remat", default="", choices=("",) + REMAT_SETTINGS,
+                  help="also time the step with this remat setting, alternately (A/B)")
   ap.add_argument("--compare", default="",
                   help="git revision whose step is timed alternately with this one (A/B)")
   ap.add_argument("--data_batches", type=int, default=2,
@@ -122,7 +123,7 @@ def main() -> None:
     import ab_package  # pylint: disable=g-import-not-at-top
     variants["old"] = (ab_package.module(ab_package.load(args.compare), "ptq.dqc.step"), kw)
   elif args.compare_remat:
-    variants["old"] = (dqc_step, {**kw, "remat": not args.remat})
+    variants["old"] = (dqc_step, {**kw, "remat": args.compare_remat})
   runs = {}
   before = host_runtime.resident_bytes() or {"rss": 0, "peak": 0}
   for key, (mod, kw_) in variants.items():
@@ -163,7 +164,7 @@ def main() -> None:
       "device": str(jax.devices()[0].device_kind), "num_devices": mesh.devices.size,
       "backend": jax.default_backend(), "batch": args.batch, "lr_size": args.lr_size,
       "scale": args.scale, "bits": args.bits, "loss": args.loss, "steps": args.steps,
-      "microbatch": args.microbatch, "remat": args.remat, "host_malloc": host["malloc"],
+      "microbatch": args.microbatch, "remat": dqc_step.remat_mode(settings), "host_malloc": host["malloc"],
       "compile_s": round(compile_s, 2), "first_step_s": round(warmup_s, 3),
       "steps_per_s": round(args.steps / run_s, 4), "s_per_step": round(run_s / args.steps, 4),
       "median_s_per_step": round(statistics.median(new["times"]), 4),
@@ -173,14 +174,15 @@ def main() -> None:
       "loss_finite": bool(m["finite"]),
       "memory": _memory(new["compiled"], before, new["compiled_rss"], after, mesh,
                         rounds=args.batch // dqc_step.microbatch_size(args.batch, args.microbatch)
-                        if args.microbatch else 1, remat=args.remat),
+                        if args.microbatch else 1,
+                        remat_full=dqc_step.remat_mode(settings) == "full"),
   }
   if "old" in runs:
     old = runs["old"]
     lq = [np.asarray(v) for v in jax.tree_util.tree_leaves(new["first_quant"])]
     lo = [np.asarray(v) for v in jax.tree_util.tree_leaves(old["first_quant"])]
     result["compare"] = {
-        "rev": args.compare or f"remat={not args.remat}", "old_compile_s": round(old["compile_s"], 2),
+        "rev": args.compare or f"remat={args.compare_remat}", "old_compile_s": round(old["compile_s"], 2),
         "old_median_s_per_step": round(statistics.median(old["times"]), 4),
         "old_median_cpu_s_per_step": round(statistics.median(old["cpu_times"]), 4),
         "old_step_times_s": [round(t, 3) for t in old["times"]],

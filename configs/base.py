@@ -92,11 +92,12 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   c.dqc.loss = "reference"  # reference: the released code's loss, which gave the paper's numbers | paper: Eq. 4-6
   c.dqc.feature_weight = 5.0  # lambda of the paper loss (the code's weight)
   c.dqc.augment = True
-  # recompute Swin block activations in the backward pass (jax.checkpoint; the block pairs are
-  # then scanned). Batch 4 on CPU: XLA's need 2.69 -> 0.31 GB per device, peak 11.9 -> 2.0 GB,
-  # compile ~2.5x shorter, but each step ~1.3x the CPU time: off by default, on for short runs
-  # or little memory (docs/measured/memory.md#remat).
-  c.dqc.remat = False
+  # What the student's Swin blocks keep for the backward pass (docs/measured/memory.md#remat):
+  # off | matmuls (the matmul outputs and attention probabilities; the element-wise work is
+  # recomputed) | full (only each block's input; block pairs scanned) | auto (matmuls on a CPU,
+  # off on a GPU). Batch 4 on CPU, XLA's need per device / peak: off 2.34 / 10.5 GB, matmuls
+  # 1.23 / 6.2 GB at ~1.07x the step's wall time, full 0.31 / 2.0 GB at ~1.3x.
+  c.dqc.remat = "auto"
   # auto: the largest divisor of the batch whose compiled step fits the device memory (XLA's
   # memory analysis against the GPU's bytes_limit, or on CPU the available RAM with headroom);
   # decided once per configuration and cached (ptq/dqc/memory.py). An integer N > 0: microbatches

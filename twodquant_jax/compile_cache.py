@@ -34,9 +34,14 @@ def enable(cache_dir: str) -> Path | None:
 # - evaluation on a GPU turns XLA's GEMM autotuning off: an evaluation runs each compiled shape a
 #   handful of times, so autotuned kernels never pay back their search (an H200, matmul precision
 #   'highest': 25-27 s -> 9-10 s per compile, calls 3-4 -> 4-7 ms; docs/measured/gpu/);
-# - the DQC step (compiled once, run thousands of times) keeps the defaults on every backend;
+# - the DQC step on XLA:CPU uses the memory-optimised scheduler: XLA's need for a batch-4 step
+#   2.69 -> 2.34 GB per device at the same step time (4.35 vs 4.46 CPU s, A/B in one process),
+#   and without it a rematerialised unrolled step keeps its recomputation alive and saves
+#   nothing (2.77 GB; docs/measured/memory.md#remat); the DQC step keeps the defaults elsewhere;
 # - XLA:CPU: none of the backend options tried lowers the compile (docs/measured/compile-options.md).
-COMPILER_OPTIONS = {("eval", "gpu"): {"xla_gpu_autotune_level": 0}}
+COMPILER_OPTIONS = {("eval", "gpu"): {"xla_gpu_autotune_level": 0},
+                    ("train", "cpu"): {"xla_cpu_scheduler_type":
+                                       "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}}
 
 # What `gpu_check.sh --only compiler_options` compares against the defaults, per backend kind
 # (`benchmarks/compile_options.py` tries more on the CPU).

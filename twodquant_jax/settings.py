@@ -24,6 +24,7 @@ ENGINES = ("fake", "int")  # eval.engine: fake-quant float forward | integer eng
 CALIBRATIONS = ("minmax", "percentile", "dobi")  # the bound searches of ptq/dobi.py
 LOSSES = ("reference", "paper")  # dqc.loss (ptq/dqc/loss.py)
 SCHEDULES = ("cosine", "constant")  # dqc.schedule
+REMAT_SETTINGS = ("auto", "off", "matmuls", "full")  # dqc.remat (nn/swinir.py REMAT_MODES + auto)
 AUTO_MICROBATCH = -1  # DQCSettings.microbatch: resolved by ptq/dqc/memory.py before jitting
 MALLOC_POLICIES = ("auto", "tcmalloc", "keep", "system")  # host_malloc (host_runtime.py)
 TILE_BLENDS = ("center", "mean")
@@ -74,7 +75,7 @@ class DQCSettings:
   schedule: str = "cosine"
   loss: str = "reference"
   feature_weight: float = 5.0
-  remat: bool = False
+  remat: str = "auto"  # REMAT_SETTINGS: 'auto' is resolved by dqc.step.remat_mode
   microbatch: int = 0  # >0: gradients accumulated over microbatches of at most this size;
   # AUTO_MICROBATCH: the largest that fits the device (ptq/dqc/memory.py resolves it)
   arch: tuple[tuple[str, Any], ...] = ()  # SwinIR keyword overrides (tests: a tiny network)
@@ -94,6 +95,8 @@ class DQCSettings:
                        f"{self.rounding_lr}, {self.rounding_warmup}")
     if self.loss not in LOSSES:
       raise ValueError(f"config.dqc.loss must be one of {LOSSES}, got {self.loss!r}")
+    if self.remat not in REMAT_SETTINGS:
+      raise ValueError(f"config.dqc.remat must be one of {REMAT_SETTINGS}, got {self.remat!r}")
     if self.schedule not in SCHEDULES:
       raise ValueError(f"config.dqc.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
     if self.steps < 1:
@@ -327,6 +330,13 @@ def parse_microbatch(value: Any) -> int:
                      ) from None
 
 
+def parse_remat(value: Any) -> str:
+  """config.dqc.remat: a REMAT_SETTINGS name; True / False (the older boolean, e.g.
+  `--config.dqc.remat=True`) mean 'full' / 'off'."""
+  text = str(value).strip().lower()
+  return {"true": "full", "1": "full", "false": "off", "0": "off"}.get(text, text)
+
+
 def dqc_settings(config: ml_collections.ConfigDict, arch: Mapping[str, Any] | None = None
                  ) -> DQCSettings:
   """What the DQC step depends on; `arch` overrides SwinIR attributes (tests: a tiny net)."""
@@ -336,7 +346,7 @@ def dqc_settings(config: ml_collections.ConfigDict, arch: Mapping[str, Any] | No
   return DQCSettings(scale=int(config.scale), bits=int(config.bits), steps=int(d.steps),
                      lr=float(d.lr), b1=float(d.b1), b2=float(d.b2), eps=float(d.eps),
                      schedule=str(d.schedule), loss=str(d.loss),
-                     feature_weight=float(d.feature_weight), remat=bool(d.remat),
+                     feature_weight=float(d.feature_weight), remat=parse_remat(d.remat),
                      microbatch=parse_microbatch(d.microbatch), arch=arch_items,
                      rounding_weight=float(d.get("rounding_weight", 1e-3)),
                      rounding_beta_start=float(d.get("rounding_beta_start", 20.0)),

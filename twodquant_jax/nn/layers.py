@@ -23,6 +23,7 @@ from typing import Iterator, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from twodquant_jax.nn.intmath import Coded, encode, int_matmul
 from twodquant_jax.nn.quantizer import (BOUNDS, CALIB, fake_quant, rounding_offset_init,
@@ -32,6 +33,10 @@ MODES = ("fp", "capture", "quant", "int")
 ROUNDING = "rounding"  # collection of the learned-rounding offsets (SwinIR.rounding)
 OFFSET = "offset"  # variable name inside each weight quantizer's 'rounding' entry
 VJP_PATHS = ("auto", "cpu", "plain")  # matmul gradients: by backend, XLA:CPU's forms, plain
+# `checkpoint_name`s of the float matmul outputs and the attention probabilities: what a Swin
+# block rematerialised with remat 'matmuls' keeps for the backward pass (`swinir.remat_policy`).
+MATMUL_OUT = "matmul_out"
+ATTN_PROBS = "attn_probs"
 
 
 def check_mode(mode: str) -> None:
@@ -123,7 +128,7 @@ def _dense(x, kernel) -> jnp.ndarray:
   """A quantized linear's matmul: on integer codes in 'int' mode, else `linear`."""
   if isinstance(x, Coded) or isinstance(kernel, Coded):
     return qmatmul(x, kernel)
-  return linear(x, kernel)
+  return checkpoint_name(linear(x, kernel), MATMUL_OUT)
 
 
 def _row_chunk(rows: int) -> int:

@@ -16,13 +16,22 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
-from twodquant_jax.nn.layers import FakeQuant, QuantDense, QuantQKV, check_mode, qmatmul
+from twodquant_jax.nn.layers import (ATTN_PROBS, MATMUL_OUT, FakeQuant, QuantDense, QuantQKV,
+                                     check_mode, qmatmul)
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
 ROTATE_KINDS = ("qkv", "fc1", "fc2")  # linears whose input SwinIR(rotate=...) rotates at run time
 LN_EPS = 1e-5
 MASK_VALUE = -100.0
+# What a Swin block keeps for its backward pass (`SwinIR.remat`):
+#   'off'      everything XLA keeps (the plain gradient);
+#   'matmuls'  only the float matmul outputs and the attention probabilities, recomputing the
+#              element-wise work (LayerNorm, fake quantizers, GELU) from them;
+#   'full'     only the block's input: the whole block is recomputed (smallest; the block
+#              pairs then run in a scan, `scan_blocks`).
+REMAT_MODES = ("off", "matmuls", "full")
 
 
 def check_rotate(rotate: Sequence[str]) -> None:
@@ -163,9 +172,9 @@ class WindowAttention(nn.Module):
       nw = mask.shape[0]
       attn = attn.reshape(b_ // nw, nw, nh, n, n) + jnp.asarray(mask)[None, :, None]
       attn = attn.reshape(b_, nh, n, n)
-    attn = jax.nn.softmax(attn, axis=-1)
+    attn = checkpoint_name(jax.nn.softmax(attn, axis=-1), ATTN_PROBS)
     attn = FakeQuant(self.mode, self.bits, name="mymodule_a")(attn)
-    out = qmatmul(attn, v).transpose(0, 2, 1, 3).reshape(b_, n, c)
+    out = checkpoint_name(qmatmul(attn, v), MATMUL_OUT).transpose(0, 2, 1, 3).reshape(b_, n, c)
     return QuantDense(self.dim, self.mode, self.bits, weight_channels=self.weight_channels,
                       rounding=self.rounding, name="proj")(out)
 
@@ -239,11 +248,24 @@ class _Stage(nn.Module):
   mlp_ratio: float
   mode: str = "fp"
   bits: int = 4
-  remat: bool = False
+  remat: str = "off"  # REMAT_MODES
   scan_blocks: bool = False
   rotate: tuple[str, ...] = ()
   weight_channels: bool = False  # per-output-channel weight bounds (SwinIR.weight_channels)
   rounding: bool = False  # learned weight rounding (SwinIR.rounding)
+
+
+def check_remat(mode: str) -> str:
+  if mode not in REMAT_MODES:
+    raise ValueError(f"remat must be one of {REMAT_MODES}, got {mode!r}")
+  return mode
+
+
+def remat_policy(mode: str):
+  """The `jax.checkpoint` policy of remat `mode` ('matmuls' or 'full'; module constant doc)."""
+  if check_remat(mode) == "matmuls":
+    return jax.checkpoint_policies.save_only_these_names(MATMUL_OUT, ATTN_PROBS)
+  return None  # 'full': nothing saveable
 
 
 def _scans(module: nn.Module) -> bool:
@@ -270,8 +292,11 @@ def _stacked(trees: Sequence) -> dict:
 class BlockStack(_Stage):
   """The `residual_group` of an RSTB: its Swin blocks, whose output is a DQC feature.
 
-  With `remat`, each block is wrapped in `jax.checkpoint` so its activations may be recomputed
-  in the backward pass instead of stored (whether that saves memory is up to XLA's scheduler).
+  With `remat` ('matmuls' or 'full'), each block is wrapped in `jax.checkpoint` with that mode's
+  policy, so its activations are recomputed in the backward pass instead of stored. Whether
+  that saves memory is up to XLA's scheduler: unrolled, XLA:CPU's default scheduler runs the
+  recomputation early and keeps it all (docs/measured/memory.md#remat), its memory-optimised
+  one does not (`compile_cache.COMPILER_OPTIONS`, the DQC step's).
 
   With `scan_blocks` (and an even depth), the (unshifted, shifted) block pairs run in a
   `jax.lax.scan` over their stacked variables, so XLA compiles each of the two block bodies once
@@ -280,7 +305,9 @@ class BlockStack(_Stage):
   """
 
   def setup(self):
-    block = nn.remat(SwinBlock, static_argnums=(2,)) if self.remat else SwinBlock
+    remat = check_remat(self.remat) != "off"
+    block = (nn.remat(SwinBlock, static_argnums=(2,), policy=remat_policy(self.remat)) if remat
+             else SwinBlock)
     self.blocks = [
         block(self.dim, self.num_heads, self.window_size,
                   0 if i % 2 == 0 else self.window_size // 2, self.mlp_ratio, self.mode,
@@ -306,7 +333,8 @@ class BlockStack(_Stage):
     for shift in (0, self.window_size // 2):
       run = functools.partial(lambda blk, v, x: blk.apply(v, x, hw, region),
                               self._block_def(shift))
-      runs.append(jax.checkpoint(run) if self.remat else run)
+      runs.append(jax.checkpoint(run, policy=remat_policy(self.remat))
+                  if self.remat != "off" else run)
     pairs = tuple(
         _stacked([_child_variables(variables, f"blocks_{i}") for i in range(j, self.depth, 2)])
         for j in (0, 1))
@@ -372,7 +400,7 @@ class SwinIR(nn.Module):
   img_range: float = 1.0
   mode: str = "fp"
   bits: int = 4
-  remat: bool = False  # recompute Swin block activations in the backward pass (DQC memory)
+  remat: str = "off"  # what Swin blocks keep for the backward pass (REMAT_MODES; DQC memory)
   scan_blocks: bool = False  # run each RSTB's identical block pairs in a lax.scan (compile once)
   scan_layers: bool = True  # with scan_blocks, identical RSTBs in a lax.scan too
   # Run-time input rotations of the linears named (ROTATE_KINDS): x -> x R before the input

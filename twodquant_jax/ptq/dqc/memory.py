@@ -42,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from twodquant_jax import cache, files
 from twodquant_jax.ptq.dqc.step import (AUTO_MICROBATCH, DATA_AXIS, DQCSettings, init_state,
-                                        jit_train_step, microbatch_size)
+                                        jit_train_step, microbatch_size, remat_mode)
 
 from twodquant_jax import host_runtime
 
@@ -66,8 +66,10 @@ LIMIT_ENV = "TWODQUANT_MEMORY_LIMIT_GB"
 # same factor 2.0 then plans 1.40x the peak, inside the 1.5x the planner promises. The tcmalloc
 # factor is not measured: no libtcmalloc on the measuring machine (docs/measured/memory.md).
 STEP_FACTOR = {"glibc": 2.0, "tcmalloc": 1.2}
-# Under dqc.remat the step's buffers are small and glibc holds less over them: 1.36x measured at
-# batch 4, <= 1.29x at batch 32 (its peak was DOBI's); 1.4 plans 1.21x and >= 1.14x of them.
+# Under dqc.remat 'full' the step's buffers are small and glibc holds less over them: 1.36x
+# measured at batch 4, <= 1.29x at batch 32 (its peak was DOBI's); 1.4 plans 1.21x and >= 1.14x
+# of them. Remat 'matmuls' keeps large buffers (1.23 GB per device at batch 4): STEP_FACTOR
+# (2.04x measured).
 REMAT_STEP_FACTOR = {"glibc": 1.4, "tcmalloc": 1.2}
 ROUND_FACTOR = 0.3
 STEP_MARGIN = 0.4e9
@@ -128,7 +130,7 @@ class Budget:
 
 def host_budget(local_devices: int, environ: Mapping[str, str] | None = None,
                 resident: int | None = None, remat: bool = False) -> Budget:
-  """The CPU budget: the process's limit ($TWODQUANT_MEMORY_LIMIT_GB, else resident now +
+  """The CPU budget (`remat`: the step rematerialises whole blocks, dqc.remat 'full'): the process's limit ($TWODQUANT_MEMORY_LIMIT_GB, else resident now +
   HEADROOM x MemAvailable, else x physical memory) and its resident baseline now."""
   if resident is None:
     now = host_runtime.resident_bytes()
@@ -267,7 +269,7 @@ def check_explicit(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh,
   when it cannot fit. Compiles the step once (a persistent-cache hit for the loop later)."""
   if settings.microbatch == AUTO_MICROBATCH:
     raise ValueError("check_explicit is for a numeric dqc.microbatch; 'auto' is planned by plan")
-  budget = budget or mesh_budget(mesh, remat=settings.remat)
+  budget = budget or mesh_budget(mesh, remat=remat_mode(settings) == "full")
   mb = (microbatch_size(batch, settings.microbatch)
         if 0 < settings.microbatch < batch else batch)
   args = _abstract_args(settings, batch, lr_size, mesh, params, quant)
@@ -290,7 +292,7 @@ def plan(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh, params: Ma
   `params` and `quant` (the initial bounds) only give shapes; nothing is computed on them.
   Raises MemoryLimitError (one line) when even the smallest microbatch does not fit.
   """
-  budget = budget or mesh_budget(mesh, remat=settings.remat)
+  budget = budget or mesh_budget(mesh, remat=remat_mode(settings) == "full")
   key = _decision_key(settings, batch, lr_size, mesh)
   memo = _memo(key)
   needs = dict(memo.get("needs") or _load_decision(key))

@@ -23,6 +23,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from twodquant_jax import compile_cache
 from twodquant_jax.nn.layers import ROUNDING
 from twodquant_jax.nn.swinir import SwinIR
 from twodquant_jax.ptq import rounding as rounding_lib
@@ -35,17 +36,29 @@ Array = jnp.ndarray
 
 def model_for(settings: DQCSettings, mode: str = "fp",
               student_arch: Mapping[str, Any] | Sequence = ()) -> SwinIR:
-  """The teacher ('fp') or the student ('quant', rematerialised blocks if `settings.remat`);
-  `student_arch`: the student's own SwinIR options (e.g. weight_channels), never the teacher's.
+  """The teacher ('fp') or the student ('quant', its blocks rematerialised as
+  `remat_mode(settings)` says); `student_arch`: the student's own SwinIR options (e.g.
+  weight_channels), never the teacher's.
 
-  Swin blocks scanned (`SwinIR.scan_blocks`) only with remat: on XLA:CPU the scanned step
-  compiles 1.5x faster, but without remat runs 1.3-1.4x slower (its stacked residuals), with
-  remat as fast (docs/measured/compile-scan.md). `arch` may still set `scan_blocks`."""
-  arch = {"scan_blocks": settings.remat, **dict(settings.arch)}
+  Swin blocks scanned (`SwinIR.scan_blocks`) only with remat 'full': on XLA:CPU the scanned
+  step compiles 1.5x faster, but without remat runs 1.3-1.4x slower (its stacked residuals),
+  with full remat about as fast (docs/measured/compile-scan.md). `arch` may still set
+  `scan_blocks`."""
+  remat = remat_mode(settings)
+  arch = {"scan_blocks": remat == "full", **dict(settings.arch)}
   if mode != "fp":
     arch.update(dict(student_arch))
   return SwinIR(upscale=settings.scale, mode=mode, bits=settings.bits,
-                remat=settings.remat and mode == "quant", **arch)
+                remat=remat if mode == "quant" else "off", **arch)
+
+
+def remat_mode(settings: DQCSettings, backend: str | None = None) -> str:
+  """dqc.remat resolved: 'auto' is 'matmuls' on XLA:CPU, where the step's memory is the host's
+  (and glibc holds about twice XLA's need), else 'off' (a GPU has the memory; recomputing costs
+  it time). Other values as given (`swinir.REMAT_MODES`)."""
+  if settings.remat != "auto":
+    return settings.remat
+  return "matmuls" if compile_cache.backend_kind(backend) == "cpu" else "off"
 
 
 @flax.struct.dataclass
@@ -312,4 +325,4 @@ def jit_train_step(settings: DQCSettings, mesh: Mesh) -> Callable:
   repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
   step = lambda state, lr_u8, params: train_step(state, lr_u8, params, settings)
   return jax.jit(step, in_shardings=(repl, data, repl), out_shardings=(repl, repl),
-                 donate_argnums=(0,))
+                 donate_argnums=(0,), compiler_options=compile_cache.compiler_options("train"))
