@@ -65,13 +65,13 @@ def _minmax_bounds(settings: dqc_step.DQCSettings, params: dict, x: np.ndarray) 
 
 
 def _memory(compiled, before: dict, compiled_rss: dict, after: dict, mesh, rounds: int,
-            remat_full: bool) -> dict:
+            remat: str) -> dict:
   """Resident sizes around the step (GB) and what ptq/dqc/memory.py would plan for it."""
   gb = lambda b: round(b / 1e9, 3)
   m = compiled.memory_analysis()
   need = dqc_memory.compiled_bytes(compiled)
   local = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
-  budget = dqc_memory.host_budget(local, resident=before["rss"], remat=remat_full)
+  budget = dqc_memory.host_budget(local, resident=before["rss"], remat=remat)
   return {"rss_before_gb": gb(before["rss"]), "peak_before_gb": gb(before["peak"]),
           "rss_compiled_gb": gb(compiled_rss["rss"]), "peak_compiled_gb": gb(compiled_rss["peak"]),
           "rss_after_gb": gb(after["rss"]), "peak_gb": gb(after["peak"]),
@@ -164,7 +164,8 @@ def main() -> None:
       "device": str(jax.devices()[0].device_kind), "num_devices": mesh.devices.size,
       "backend": jax.default_backend(), "batch": args.batch, "lr_size": args.lr_size,
       "scale": args.scale, "bits": args.bits, "loss": args.loss, "steps": args.steps,
-      "microbatch": args.microbatch, "remat": dqc_step.remat_mode(settings), "host_malloc": host["malloc"],
+      "microbatch": args.microbatch, "remat": dqc_step.remat_mode(settings),
+      "host_malloc": host["malloc"],
       "compile_s": round(compile_s, 2), "first_step_s": round(warmup_s, 3),
       "steps_per_s": round(args.steps / run_s, 4), "s_per_step": round(run_s / args.steps, 4),
       "median_s_per_step": round(statistics.median(new["times"]), 4),
@@ -175,7 +176,7 @@ def main() -> None:
       "memory": _memory(new["compiled"], before, new["compiled_rss"], after, mesh,
                         rounds=args.batch // dqc_step.microbatch_size(args.batch, args.microbatch)
                         if args.microbatch else 1,
-                        remat_full=dqc_step.remat_mode(settings) == "full"),
+                        remat=dqc_step.remat_mode(settings)),
   }
   if "old" in runs:
     old = runs["old"]

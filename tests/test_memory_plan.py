@@ -178,7 +178,7 @@ def test_remat_plans_its_smaller_allocator_growth():
   """Under dqc.remat glibc holds less over the step's (small) buffers: the budget's factor."""
   env = {dqc_memory.LIMIT_ENV: "3"}
   plain = dqc_memory.host_budget(2, env, resident=10**9)
-  remat = dqc_memory.host_budget(2, env, resident=10**9, remat=True)
+  remat = dqc_memory.host_budget(2, env, resident=10**9, remat="full")
   kind = "tcmalloc" if plain.factor == dqc_memory.STEP_FACTOR["tcmalloc"] else "glibc"
-  assert remat.factor == dqc_memory.REMAT_STEP_FACTOR[kind] <= plain.factor
+  assert remat.factor == dqc_memory.REMAT_STEP_FACTOR["full"][kind] <= plain.factor
   assert remat.planned(10**9) < plain.planned(10**9) or kind == "tcmalloc"

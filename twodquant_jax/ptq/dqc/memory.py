@@ -66,11 +66,14 @@ LIMIT_ENV = "TWODQUANT_MEMORY_LIMIT_GB"
 # same factor 2.0 then plans 1.40x the peak, inside the 1.5x the planner promises. The tcmalloc
 # factor is not measured: no libtcmalloc on the measuring machine (docs/measured/memory.md).
 STEP_FACTOR = {"glibc": 2.0, "tcmalloc": 1.2}
-# Under dqc.remat 'full' the step's buffers are small and glibc holds less over them: 1.36x
-# measured at batch 4, <= 1.29x at batch 32 (its peak was DOBI's); 1.4 plans 1.21x and >= 1.14x
-# of them. Remat 'matmuls' keeps large buffers (1.23 GB per device at batch 4): STEP_FACTOR
-# (2.04x measured).
-REMAT_STEP_FACTOR = {"glibc": 1.4, "tcmalloc": 1.2}
+# Per dqc.remat mode (`remat_mode`), where it differs from STEP_FACTOR. 'full': the step's
+# buffers are small and glibc holds less over them: 1.36x measured at batch 4, <= 1.29x at
+# batch 32 (its peak was DOBI's); 1.4 plans 1.21x and >= 1.14x of them. 'matmuls': 2.04x over a
+# 1.16 GB baseline (dqc_speed --batch 4), 2.55x over the README demo's trimmed 0.49 GB (the
+# compile's and the loop's heap come back on top of the step's 2 x 1.23 GB); 2.6 plans 1.08x
+# and 1.29x of them.
+REMAT_STEP_FACTOR = {"full": {"glibc": 1.4, "tcmalloc": 1.2},
+                     "matmuls": {"glibc": 2.6, "tcmalloc": 1.2}}
 ROUND_FACTOR = 0.3
 STEP_MARGIN = 0.4e9
 DECISIONS_FILE = "microbatch.json"
@@ -129,8 +132,9 @@ class Budget:
 
 
 def host_budget(local_devices: int, environ: Mapping[str, str] | None = None,
-                resident: int | None = None, remat: bool = False) -> Budget:
-  """The CPU budget (`remat`: the step rematerialises whole blocks, dqc.remat 'full'): the process's limit ($TWODQUANT_MEMORY_LIMIT_GB, else resident now +
+                resident: int | None = None, remat: str = "off") -> Budget:
+  """The CPU budget of a step with remat mode `remat`: the process's limit
+  ($TWODQUANT_MEMORY_LIMIT_GB, else resident now +
   HEADROOM x MemAvailable, else x physical memory) and its resident baseline now."""
   if resident is None:
     now = host_runtime.resident_bytes()
@@ -142,7 +146,7 @@ def host_budget(local_devices: int, environ: Mapping[str, str] | None = None,
     if avail is None:
       avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     limit, source = int(resident + HEADROOM * avail), "resident + available RAM"
-  factors = REMAT_STEP_FACTOR if remat else STEP_FACTOR
+  factors = REMAT_STEP_FACTOR.get(remat, STEP_FACTOR)
   factor = factors["tcmalloc" if host_runtime.loaded_tcmalloc() else "glibc"]
   return Budget(limit=limit, baseline=resident, devices=max(1, local_devices), factor=factor,
                 margin=int(STEP_MARGIN), per_round=ROUND_FACTOR, source=source)
@@ -156,7 +160,7 @@ def device_memory_bytes(device: jax.Device) -> int:
   return int(HEADROOM * (int(limit) - int(stats.get("bytes_in_use", 0)))) if limit else 0
 
 
-def mesh_budget(mesh: Mesh, limit_bytes: int | None = None, remat: bool = False) -> Budget:
+def mesh_budget(mesh: Mesh, limit_bytes: int | None = None, remat: str = "off") -> Budget:
   """The budget of a step on `mesh`: the host's (CPU devices of this process share its RAM),
   or one accelerator's memory. `limit_bytes` replaces the limit (tests, callers that know)."""
   dev = mesh.devices.flat[0]
@@ -269,7 +273,7 @@ def check_explicit(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh,
   when it cannot fit. Compiles the step once (a persistent-cache hit for the loop later)."""
   if settings.microbatch == AUTO_MICROBATCH:
     raise ValueError("check_explicit is for a numeric dqc.microbatch; 'auto' is planned by plan")
-  budget = budget or mesh_budget(mesh, remat=remat_mode(settings) == "full")
+  budget = budget or mesh_budget(mesh, remat=remat_mode(settings))
   mb = (microbatch_size(batch, settings.microbatch)
         if 0 < settings.microbatch < batch else batch)
   args = _abstract_args(settings, batch, lr_size, mesh, params, quant)
@@ -292,7 +296,7 @@ def plan(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh, params: Ma
   `params` and `quant` (the initial bounds) only give shapes; nothing is computed on them.
   Raises MemoryLimitError (one line) when even the smallest microbatch does not fit.
   """
-  budget = budget or mesh_budget(mesh, remat=remat_mode(settings) == "full")
+  budget = budget or mesh_budget(mesh, remat=remat_mode(settings))
   key = _decision_key(settings, batch, lr_size, mesh)
   memo = _memo(key)
   needs = dict(memo.get("needs") or _load_decision(key))
