@@ -63,8 +63,9 @@ LIMIT_ENV = "TWODQUANT_MEMORY_LIMIT_GB"
 # growing); batch 4 in microbatches of 2: 2.01x. 0.3 plans 1.48x, <= 1.10x and 1.18x of them;
 # tcmalloc not measured, given the same). With dqc.remat the step's XLA need
 # is ~8x smaller (0.31 against 2.69 GB per device at batch 4) and the growth over it 1.36x; the
-# same factor 2.0 then plans 1.40x the peak, inside the 1.5x the planner promises. The tcmalloc
-# factor is not measured: no libtcmalloc on the measuring machine (docs/measured/memory.md).
+# same factor 2.0 then plans 1.40x the peak, inside the 1.5x the planner promises. tcmalloc
+# (preloaded) holds 0.97-1.02x XLA's need (dqc_speed --batch 4, remat matmuls and off): 1.2
+# plans 1.27x and 1.21x of those peaks (docs/measured/memory.md).
 STEP_FACTOR = {"glibc": 2.0, "tcmalloc": 1.2}
 # Per dqc.remat mode (`remat_mode`), where it differs from STEP_FACTOR. 'full': the step's
 # buffers are small and glibc holds less over them: 1.36x measured at batch 4, <= 1.29x at
