@@ -55,6 +55,10 @@ flags.DEFINE_string("checkpoint", str(SHARED / "reference" / "standin_x4.pth"), 
 flags.DEFINE_string("data_root", str(SHARED / "data" / "benchmarks"), "Benchmark root.")
 flags.DEFINE_string("calib_root", str(SHARED / "data" / "calib"), "Calibration images.")
 flags.DEFINE_bool("statistics", True, "Per-quantizer kurtosis and max/std, plain and rotated.")
+flags.DEFINE_enum("remat", "off", ["off", "matmuls", "full"],
+                  "config dqc.remat of every DQC row. The table was measured with 'off'; the CPU "
+                  "default 'matmuls' takes another float path through the same step, and DQC's "
+                  "200 steps amplify its last-bit differences (docs/measured/beyond.md).")
 FLAGS = flags.FLAGS
 
 
@@ -62,7 +66,8 @@ def setup() -> dict:
   """What every number of the table depends on (a different setup starts a new table)."""
   return {"checkpoint": FLAGS.checkpoint, "scale": 4, "steps": FLAGS.steps,
           "batch": FLAGS.batch, "lr_size": FLAGS.lr_size, "num_patches": FLAGS.num_patches,
-          "calib_root": FLAGS.calib_root, "seed": 0}
+          "calib_root": FLAGS.calib_root, "seed": 0,
+          **({"remat": FLAGS.remat} if FLAGS.remat != "off" else {})}
 
 
 def done(table: dict, key: str, row: str) -> bool:
@@ -78,6 +83,7 @@ def config(bits: int, methods: list[str]):
   c.calib.root, c.calib.num_patches = FLAGS.calib_root, FLAGS.num_patches
   c.calib.lr_size = FLAGS.lr_size
   c.dqc.steps, c.dqc.batch_size, c.dqc.microbatch = FLAGS.steps, FLAGS.batch, "0"
+  c.dqc.remat = FLAGS.remat
   c.dqc.checkpoint_every, c.dqc.log_every = 50, 25
   c.progress, c.overwrite = False, True  # rows may change between reruns of a bit width
   return c
