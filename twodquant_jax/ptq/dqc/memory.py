@@ -238,6 +238,16 @@ def _memo(key: str) -> dict:
   return {}
 
 
+def _known_needs(key: str) -> dict[int, int]:
+  """{microbatch: XLA bytes per device} measured for `key`: in this process, else on disk."""
+  return dict(_memo(key).get("needs") or _load_decision(key))
+
+
+def _remember(key: str, needs: dict[int, int]) -> None:
+  _memo(key)["needs"] = dict(needs)
+  _save_decision(key, {str(k): v for k, v in needs.items()})
+
+
 def _abstract_args(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh, params: Mapping,
                    quant: Mapping) -> tuple:
   repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
@@ -271,14 +281,22 @@ def check_explicit(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh,
                    ) -> dict[str, Any]:
   """For a numeric dqc.microbatch (0: the whole batch): its step's plan against `budget`
   (default: `mesh_budget`), raising MemoryLimitError (one line naming --config.dqc.microbatch)
-  when it cannot fit. Compiles the step once (a persistent-cache hit for the loop later)."""
+  when it cannot fit. Compiles the step once, unless `plan` or an earlier check measured the
+  same step (the decisions `plan` keeps: in this process, and on disk with the compilation
+  cache on)."""
   if settings.microbatch == AUTO_MICROBATCH:
     raise ValueError("check_explicit is for a numeric dqc.microbatch; 'auto' is planned by plan")
   budget = budget or mesh_budget(mesh, remat=remat_mode(settings))
   mb = (microbatch_size(batch, settings.microbatch)
         if 0 < settings.microbatch < batch else batch)
-  args = _abstract_args(settings, batch, lr_size, mesh, params, quant)
-  need = compiled_bytes(jit_train_step(settings, mesh).lower(*args).compile())
+  key = _decision_key(settings, batch, lr_size, mesh)
+  needs = _known_needs(key)
+  if mb not in needs:
+    args = _abstract_args(settings, batch, lr_size, mesh, params, quant)
+    lowered = jit_train_step(_with_microbatch(settings, mb, batch), mesh).lower(*args)
+    needs[mb] = compiled_bytes(lowered.compile())
+    _remember(key, needs)
+  need = needs[mb]
   if not budget.fits(need, batch // mb):
     raise _too_big(budget, mb, need, batch // mb, explicit=settings.microbatch)
   info = {"microbatch": mb, "bytes": need, "planned_bytes": budget.planned(need, batch // mb),
@@ -299,8 +317,7 @@ def plan(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh, params: Ma
   """
   budget = budget or mesh_budget(mesh, remat=remat_mode(settings))
   key = _decision_key(settings, batch, lr_size, mesh)
-  memo = _memo(key)
-  needs = dict(memo.get("needs") or _load_decision(key))
+  needs = _known_needs(key)
   cached = bool(needs)
   cands = candidates(batch, int(mesh.devices.size))
   args = None
@@ -336,9 +353,8 @@ def plan(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh, params: Ma
                                batch // cands[j])),
                len(cands) - 1)
     i = max(nxt, i + 1)
-  memo["needs"] = needs
   if compiles:
-    _save_decision(key, {str(k): v for k, v in needs.items()})
+    _remember(key, needs)
   info = {"microbatch": mb, "bytes": need, "planned_bytes": budget.planned(need, batch // mb),
           "limit_bytes": budget.limit, "baseline_bytes": budget.baseline,
           "limit_source": budget.source, "compiles": compiles, "cached": cached and not compiles,
