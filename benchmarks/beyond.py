@@ -59,6 +59,8 @@ flags.DEFINE_enum("remat", "off", ["off", "matmuls", "full"],
                   "config dqc.remat of every DQC row. The table was measured with 'off'; the CPU "
                   "default 'matmuls' takes another float path through the same step, and DQC's "
                   "200 steps amplify its last-bit differences (docs/measured/beyond.md).")
+flags.DEFINE_integer("seed", 0, "config seed of every row (calibration patches, rotation signs, "
+                     "DQC batches): other seeds give the spread of each row.")
 FLAGS = flags.FLAGS
 
 
@@ -66,7 +68,7 @@ def setup() -> dict:
   """What every number of the table depends on (a different setup starts a new table)."""
   return {"checkpoint": FLAGS.checkpoint, "scale": 4, "steps": FLAGS.steps,
           "batch": FLAGS.batch, "lr_size": FLAGS.lr_size, "num_patches": FLAGS.num_patches,
-          "calib_root": FLAGS.calib_root, "seed": 0,
+          "calib_root": FLAGS.calib_root, "seed": FLAGS.seed,
           **({"remat": FLAGS.remat} if FLAGS.remat != "off" else {})}
 
 
@@ -84,6 +86,7 @@ def config(bits: int, methods: list[str]):
   c.calib.lr_size = FLAGS.lr_size
   c.dqc.steps, c.dqc.batch_size, c.dqc.microbatch = FLAGS.steps, FLAGS.batch, "0"
   c.dqc.remat = FLAGS.remat
+  c.seed = FLAGS.seed
   c.dqc.checkpoint_every, c.dqc.log_every = 50, 25
   c.progress, c.overwrite = False, True  # rows may change between reruns of a bit width
   return c
