@@ -61,6 +61,9 @@ flags.DEFINE_enum("remat", "off", ["off", "matmuls", "full"],
                   "200 steps amplify its last-bit differences (docs/measured/beyond.md).")
 flags.DEFINE_integer("seed", 0, "config seed of every row (calibration patches, rotation signs, "
                      "DQC batches): other seeds give the spread of each row.")
+flags.DEFINE_bool("staged", False, "config dqc.staged of every DQC row. The table was measured "
+                  "with the one-program step; the staged step is the same step on another float "
+                  "path.")
 FLAGS = flags.FLAGS
 
 
@@ -69,7 +72,8 @@ def setup() -> dict:
   return {"checkpoint": FLAGS.checkpoint, "scale": 4, "steps": FLAGS.steps,
           "batch": FLAGS.batch, "lr_size": FLAGS.lr_size, "num_patches": FLAGS.num_patches,
           "calib_root": FLAGS.calib_root, "seed": FLAGS.seed,
-          **({"remat": FLAGS.remat} if FLAGS.remat != "off" else {})}
+          **({"remat": FLAGS.remat} if FLAGS.remat != "off" else {}),
+          **({"staged": True} if FLAGS.staged else {})}
 
 
 def done(table: dict, key: str, row: str) -> bool:
@@ -85,7 +89,7 @@ def config(bits: int, methods: list[str]):
   c.calib.root, c.calib.num_patches = FLAGS.calib_root, FLAGS.num_patches
   c.calib.lr_size = FLAGS.lr_size
   c.dqc.steps, c.dqc.batch_size, c.dqc.microbatch = FLAGS.steps, FLAGS.batch, "0"
-  c.dqc.remat = FLAGS.remat
+  c.dqc.remat, c.dqc.staged = FLAGS.remat, FLAGS.staged
   c.seed = FLAGS.seed
   c.dqc.checkpoint_every, c.dqc.log_every = 50, 25
   c.progress, c.overwrite = False, True  # rows may change between reruns of a bit width

@@ -8,6 +8,7 @@ crops + bicubic LR), which bounds the real loop's speed when it is slower than t
   python benchmarks/dqc_speed.py --batch 4 --steps 5  # a CPU-sized run
   python benchmarks/dqc_speed.py --batch 4 --steps 4 --compare HEAD~1  # A/B in one process
   python benchmarks/dqc_speed.py --batch 4 --steps 6 --compare_remat off  # remat auto vs off, A/B
+  python benchmarks/dqc_speed.py --batch 4 --steps 6 --compare_staged  # staged vs one program, A/B
 
 With `--compare REV`, the step of the package at git revision REV (see `ab_package.py`) is
 compiled too (`--compare_remat MODE`: this package's step with remat MODE), and the two are
@@ -68,8 +69,13 @@ def _memory(compiled, before: dict, compiled_rss: dict, after: dict, mesh, round
             remat: str) -> dict:
   """Resident sizes around the step (GB) and what ptq/dqc/memory.py would plan for it."""
   gb = lambda b: round(b / 1e9, 3)
-  m = compiled.memory_analysis()
-  need = dqc_memory.compiled_bytes(compiled)
+  if hasattr(compiled, "need_bytes"):  # staged: the pieces' estimate (no single analysis)
+    need = compiled.need_bytes()
+    m = type("M", (), {"temp_size_in_bytes": 0, "argument_size_in_bytes": 0,
+                       "output_size_in_bytes": need})()
+  else:
+    m = compiled.memory_analysis()
+    need = dqc_memory.compiled_bytes(compiled)
   local = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
   budget = dqc_memory.host_budget(local, resident=before["rss"], remat=remat)
   return {"rss_before_gb": gb(before["rss"]), "peak_before_gb": gb(before["peak"]),
@@ -96,6 +102,10 @@ def main() -> None:
                   help="what the Swin blocks keep for the backward pass (config dqc.remat)")
   ap.add_argument("--compare_remat", default="", choices=("",) + REMAT_SETTINGS,
                   help="also time the step with this remat setting, alternately (A/B)")
+  ap.add_argument("--staged", default=True, action=argparse.BooleanOptionalAction,
+                  help="the step as separately compiled pieces (config dqc.staged)")
+  ap.add_argument("--compare_staged", action="store_true",
+                  help="also time the other choice of --staged, alternately (A/B)")
   ap.add_argument("--compare", default="",
                   help="git revision whose step is timed alternately with this one (A/B)")
   ap.add_argument("--data_batches", type=int, default=2,
@@ -117,13 +127,15 @@ def main() -> None:
   lr = rng.integers(0, 256, (args.batch, args.lr_size, args.lr_size, 3), dtype=np.uint8)
   params = _params(settings, args.seed)
   quant = _minmax_bounds(settings, params, lr[:2].astype(np.float32) / 255.0)
-  variants = {"new": (dqc_step, kw)}
+  variants = {"new": (dqc_step, {**kw, "staged": args.staged})}
   if args.compare:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import ab_package  # pylint: disable=g-import-not-at-top
     variants["old"] = (ab_package.module(ab_package.load(args.compare), "ptq.dqc.step"), kw)
   elif args.compare_remat:
-    variants["old"] = (dqc_step, {**kw, "remat": args.compare_remat})
+    variants["old"] = (dqc_step, {**kw, "remat": args.compare_remat, "staged": args.staged})
+  elif args.compare_staged:
+    variants["old"] = (dqc_step, {**kw, "staged": not args.staged})
   runs = {}
   before = host_runtime.resident_bytes() or {"rss": 0, "peak": 0}
   for key, (mod, kw_) in variants.items():
@@ -135,15 +147,19 @@ def main() -> None:
     own = jax.tree_util.tree_map(np.array, quant)  # private copies: the step donates its state
     state = jax.device_put(mod.init_state(s_, own), repl)
     batch = jax.device_put(lr, data)
-    t0 = time.perf_counter()
-    compiled = mod.jit_train_step(s_, mesh).lower(state, batch, dparams).compile()
-    compile_s = time.perf_counter() - t0
+    t0, c0 = time.perf_counter(), time.process_time()
+    if mod is dqc_step:  # this package: the step the loop would run
+      compiled = dqc_memory.compile_step(dqc_memory.train_step(s_, mesh), state, batch, dparams)
+    else:
+      compiled = mod.jit_train_step(s_, mesh).lower(state, batch, dparams).compile()
+    compile_s, compile_cpu_s = time.perf_counter() - t0, time.process_time() - c0
     compiled_rss = host_runtime.resident_bytes() or {"rss": 0, "peak": 0}
     t0 = time.perf_counter()
     state, m = compiled(state, batch, dparams)  # warm-up
     jax.block_until_ready(m)
     runs[key] = {"compiled": compiled, "state": state, "batch": batch, "params": dparams,
-                 "compile_s": compile_s, "compiled_rss": compiled_rss, "first_step_s": time.perf_counter() - t0,
+                 "compile_s": compile_s, "compile_cpu_s": compile_cpu_s,
+                 "compiled_rss": compiled_rss, "first_step_s": time.perf_counter() - t0,
                  "first_loss": np.asarray(m["loss"]), "times": [],
                  "first_quant": jax.tree_util.tree_map(np.asarray, state.quant), "m": m,
                  "cpu_times": []}
@@ -166,7 +182,8 @@ def main() -> None:
       "scale": args.scale, "bits": args.bits, "loss": args.loss, "steps": args.steps,
       "microbatch": args.microbatch, "remat": dqc_step.remat_mode(settings),
       "host_malloc": host["malloc"],
-      "compile_s": round(compile_s, 2), "first_step_s": round(warmup_s, 3),
+      "staged": args.staged, "compile_s": round(compile_s, 2),
+      "compile_cpu_s": round(new["compile_cpu_s"], 2), "first_step_s": round(warmup_s, 3),
       "steps_per_s": round(args.steps / run_s, 4), "s_per_step": round(run_s / args.steps, 4),
       "median_s_per_step": round(statistics.median(new["times"]), 4),
       "step_times_s": [round(t, 3) for t in new["times"]],
@@ -183,7 +200,10 @@ def main() -> None:
     lq = [np.asarray(v) for v in jax.tree_util.tree_leaves(new["first_quant"])]
     lo = [np.asarray(v) for v in jax.tree_util.tree_leaves(old["first_quant"])]
     result["compare"] = {
-        "rev": args.compare or f"remat={args.compare_remat}", "old_compile_s": round(old["compile_s"], 2),
+        "rev": args.compare or (f"remat={args.compare_remat}" if args.compare_remat
+                                else f"staged={not args.staged}"),
+        "old_compile_s": round(old["compile_s"], 2),
+        "old_compile_cpu_s": round(old["compile_cpu_s"], 2),
         "old_median_s_per_step": round(statistics.median(old["times"]), 4),
         "old_median_cpu_s_per_step": round(statistics.median(old["cpu_times"]), 4),
         "old_step_times_s": [round(t, 3) for t in old["times"]],

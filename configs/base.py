@@ -98,6 +98,10 @@ def get_config(scale: int = 4, bits: int = 4, method: str = "2dquant") -> ml_col
   # off on a GPU). Batch 4 on CPU, XLA's need per device / peak: off 2.34 / 10.5 GB, matmuls
   # 1.23 / 6.2 GB at ~1.07x the step's wall time, full 0.31 / 2.0 GB at ~1.3x.
   c.dqc.remat = "auto"
+  # True: the step runs as separately compiled pieces (teacher, embedding, one forward-with-VJP
+  # and one backward per distinct Swin block, loss, Adam), so the 24 blocks compile as 2
+  # (docs/measured/compile-staged.md); False: one program with every block unrolled.
+  c.dqc.staged = True
   # auto: the largest divisor of the batch whose compiled step fits the device memory (XLA's
   # memory analysis against the GPU's bytes_limit, or on CPU the available RAM with headroom);
   # decided once per configuration and cached (ptq/dqc/memory.py). An integer N > 0: microbatches

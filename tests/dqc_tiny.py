@@ -60,7 +60,7 @@ def tiny_config(steps: int, batch_size: int, keep: int = 10, calib_root: str | P
   return c
 
 
-def _random_params(shapes, rng: np.random.Generator) -> dict:
+def random_params(shapes, rng: np.random.Generator) -> dict:
   """Seeded weights without compiling `init`: LayerNorm scales near 1, fan-in scaled kernels."""
   def leaf(path, s):
     name = path[-1].key
@@ -83,7 +83,7 @@ def tiny_setup(seed: int = 0) -> tuple[dict, dict]:
   x = rng.uniform(size=(2, LR_SIZE, LR_SIZE, 3)).astype(np.float32)
   shapes = jax.eval_shape(dqc_step.model_for(settings, "fp").init, jax.random.key(0),
                           x)["params"]
-  params = _random_params(shapes, rng)
+  params = random_params(shapes, rng)
   capture = jax.jit(lambda p, x: dqc_step.model_for(settings, "capture").apply(
       {"params": p}, x, mutable=["calib"])[1])
   seen = capture(params, x)

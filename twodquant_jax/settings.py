@@ -79,6 +79,9 @@ class DQCSettings:
   microbatch: int = 0  # >0: gradients accumulated over microbatches of at most this size;
   # AUTO_MICROBATCH: the largest that fits the device (ptq/dqc/memory.py resolves it)
   arch: tuple[tuple[str, Any], ...] = ()  # SwinIR keyword overrides (tests: a tiny network)
+  # The step as separately compiled pieces, each distinct Swin block compiled once
+  # (`ptq/dqc/staged.py`), instead of one program with all 24 blocks unrolled.
+  staged: bool = True
   # Learned weight rounding (students with arch rounding only; `ptq/rounding.py`): the
   # regulariser's weight, beta annealed start -> end after a warm-up fraction of the steps
   # without it, and the offsets' Adam learning rate (0: the bounds' lr, one Adam for both).
@@ -348,6 +351,7 @@ def dqc_settings(config: ml_collections.ConfigDict, arch: Mapping[str, Any] | No
                      schedule=str(d.schedule), loss=str(d.loss),
                      feature_weight=float(d.feature_weight), remat=parse_remat(d.remat),
                      microbatch=parse_microbatch(d.microbatch), arch=arch_items,
+                     staged=bool(d.get("staged", True)),
                      rounding_weight=float(d.get("rounding_weight", 1e-3)),
                      rounding_beta_start=float(d.get("rounding_beta_start", 20.0)),
                      rounding_beta_end=float(d.get("rounding_beta_end", 2.0)),

@@ -54,7 +54,8 @@ def run_identity(settings: DQCSettings, loop: LoopSettings, params: Any, quant0:
   in its JSON form (tuples as lists), as it is stored in and read back from a checkpoint.
   The rounding settings count only for a student with learned rounding, and the student's
   options only for a `StudentWeights` student (so the paper's identities are unchanged)."""
-  ident = {k: v for k, v in dataclasses.asdict(settings).items() if k != "steps"}
+  # Not the step count, nor how the step is compiled (`staged`: the same step, in pieces).
+  ident = {k: v for k, v in dataclasses.asdict(settings).items() if k not in ("steps", "staged")}
   if not isinstance(quant0, Trainables):
     ident = {k: v for k, v in ident.items() if not k.startswith("rounding_")}
   ident.update(seed=loop.seed, batch_size=loop.batch_size, lr_size=loop.lr_size,
@@ -248,7 +249,7 @@ def _compile_and_meet(step_fn, state: DQCState, batch: jax.Array, params: Mappin
   finish (see `distributed.meet`)."""
   logging.info("DQC: compiling the step")
   t0 = time.perf_counter()
-  compiled = step_fn.lower(state, batch, params).compile()
+  compiled = dqc_memory.compile_step(step_fn, state, batch, params)
   seconds = time.perf_counter() - t0
   logging.info("DQC: step compiled in %.1f s", seconds)
   if jax.process_count() > 1:

@@ -41,6 +41,7 @@ from absl import logging
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from twodquant_jax import cache, files
+from twodquant_jax.ptq.dqc.staged import staged_train_step
 from twodquant_jax.ptq.dqc.step import (AUTO_MICROBATCH, DATA_AXIS, DQCSettings, init_state,
                                         jit_train_step, microbatch_size, remat_mode)
 
@@ -183,6 +184,25 @@ def compiled_bytes(compiled: Any) -> int:
              - getattr(m, "alias_size_in_bytes", 0))
 
 
+def train_step(settings: DQCSettings, mesh: Mesh) -> Callable:
+  """The step the loop runs: (state, lr_u8, params) -> (state, metrics), staged
+  (`staged.StagedStep`, `dqc.staged`) or one jitted program (`step.jit_train_step`)."""
+  return staged_train_step(settings, mesh) if settings.staged else jit_train_step(settings, mesh)
+
+
+def compile_step(step_fn: Callable, *args) -> Callable:
+  """`step_fn` (from `train_step`) compiled ahead for `args` (arrays or ShapeDtypeStructs)."""
+  if hasattr(step_fn, "need_bytes"):  # a StagedStep: compiles its pieces
+    return step_fn.compile(*args)
+  return step_fn.lower(*args).compile()
+
+
+def step_need(settings: DQCSettings, mesh: Mesh, args: tuple) -> int:
+  """XLA's memory need per device of the step of `settings` (compiled for abstract `args`)."""
+  compiled = compile_step(train_step(settings, mesh), *args)
+  return compiled.need_bytes() if hasattr(compiled, "need_bytes") else compiled_bytes(compiled)
+
+
 def candidates(batch: int, num_devices: int) -> list[int]:
   """Microbatch sizes to try, largest first: divisors of the batch that keep every microbatch
   spread over all devices (multiples of the device count), the whole batch first."""
@@ -293,8 +313,7 @@ def check_explicit(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh,
   needs = _known_needs(key)
   if mb not in needs:
     args = _abstract_args(settings, batch, lr_size, mesh, params, quant)
-    lowered = jit_train_step(_with_microbatch(settings, mb, batch), mesh).lower(*args)
-    needs[mb] = compiled_bytes(lowered.compile())
+    needs[mb] = step_need(_with_microbatch(settings, mb, batch), mesh, args)
     _remember(key, needs)
   need = needs[mb]
   if not budget.fits(need, batch // mb):
@@ -328,8 +347,7 @@ def plan(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh, params: Ma
     if mb not in needs:
       if args is None:
         args = _abstract_args(settings, batch, lr_size, mesh, params, quant)
-      lowered = jit_train_step(_with_microbatch(settings, mb, batch), mesh).lower(*args)
-      needs[mb] = compiled_bytes(lowered.compile())
+      needs[mb] = step_need(_with_microbatch(settings, mb, batch), mesh, args)
       compiles += 1
       logging.info("DQC microbatch auto: %d needs %.2f GB per device, %.2f GB planned "
                    "(limit %.2f GB)", mb, needs[mb] / 1e9,
@@ -376,9 +394,9 @@ def train_step_fn(settings: DQCSettings, batch: int, lr_size: int, mesh: Mesh, p
   An explicit microbatch returns the ordinary `jit_train_step` untouched.
   """
   if settings.microbatch != AUTO_MICROBATCH:
-    return jit_train_step(settings, mesh), settings, {"microbatch": settings.microbatch}
+    return train_step(settings, mesh), settings, {"microbatch": settings.microbatch}
   budget = Budget(limit=int(limit_bytes), source="limit_bytes") if limit_bytes else None
   resolved, info = plan(settings, batch, lr_size, mesh, params, quant, budget)
   # The loop calls the ordinary jitted step (whose dispatch handles the donated state as the
   # loop expects); with the persistent compilation cache on, its compile is a cache hit.
-  return jit_train_step(resolved, mesh), resolved, info
+  return train_step(resolved, mesh), resolved, info
