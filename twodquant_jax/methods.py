@@ -7,8 +7,9 @@ method's bounds", so the pipeline, the reports and the sweep never test method n
 
 The paper's six rows come first and `method=all` names exactly them. The rows beyond the paper
 (selected by `method=beyond`, or all rows by `method=all+`) each add one change to DOBI or
-2DQuant (DOBI + DQC); `2dquant++` combines smoothing, rotation and per-channel bounds, and
-`+ch+rot` is the same without smoothing (docs/beyond.md has the measurements behind each choice):
+2DQuant (DOBI + DQC); `2dquant++` combines per-channel bounds, rotation and (at 3 bits or more,
+where it pays inside the combination) smoothing, and `+ch+rot` is the same without smoothing
+(docs/beyond.md has the measurements behind each choice):
   - `+ch`: per-output-channel weight bounds (each weight row gets its own [l, u]);
   - `+rot`: orthogonal (Hadamard with random signs) rotations of the quantized tensors;
   - `+smooth`: SmoothQuant-style channel scaling folded into LayerNorm and v;
@@ -69,7 +70,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("dobi+bc", "DOBI + bias corr.", calibration="dobi", bias_correct=True),
     Method("dobi+ch+rot", "DOBI + per-channel W + rotation", calibration="dobi",
            stages=("rotate",), arch=_CH),
-    Method("dobi++", "DOBI++", calibration="dobi", stages=("smooth", "rotate"), arch=_CH),
+    Method("dobi++", "DOBI++", calibration="dobi", stages=("smooth_w3", "rotate"), arch=_CH),
     # 2DQuant (DOBI + DQC) with one change, then all that pay off together.
     Method("2dquant+ch", "2DQuant + per-channel W", calibration="dobi", dqc=True,
            init_from="dobi+ch", arch=_CH),
@@ -84,7 +85,7 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("2dquant+ch+rot", "2DQuant + per-channel W + rotation", calibration="dobi",
            dqc=True, init_from="dobi+ch+rot", stages=("rotate",), arch=_CH),
     Method("2dquant++", "2DQuant++", calibration="dobi", dqc=True, init_from="dobi++",
-           stages=("smooth", "rotate"), arch=_CH),
+           stages=("smooth_w3", "rotate"), arch=_CH),
 )}
 ROWS = tuple(REGISTRY)  # every row, in table order (the paper's first)
 ALL = tuple(n for n, m in REGISTRY.items() if m.paper)  # the paper's rows: method=all
