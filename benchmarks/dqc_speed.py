@@ -193,7 +193,7 @@ def main() -> None:
       "memory": _memory(new["compiled"], before, new["compiled_rss"], after, mesh,
                         rounds=args.batch // dqc_step.microbatch_size(args.batch, args.microbatch)
                         if args.microbatch else 1,
-                        remat=dqc_step.remat_mode(settings)),
+                        remat=dqc_memory.footprint(dqc_step.DQCSettings(**variants["new"][1]))),
   }
   if "old" in runs:
     old = runs["old"]

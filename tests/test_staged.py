@@ -103,8 +103,9 @@ def test_staged_step_equals_one_program_for_a_changed_student(setup):
 
 
 def test_each_distinct_block_compiles_once(setup):
-  """The 4 blocks compile as 2 forward and 2 backward pieces (unshifted, shifted), and the
-  planner's memory need of the staged step is XLA's, within the one-program step's order."""
+  """The 4 blocks (2 RSTBs of an (unshifted, shifted) pair) compile as one forward and one
+  backward piece, called twice each, and the planner's memory need of the staged step is XLA's,
+  within the one-program step's order."""
   params, quant, lr = setup
   settings = _settings()
   mesh = dqc_step.data_mesh()
@@ -113,8 +114,8 @@ def test_each_distinct_block_compiles_once(setup):
   step.compile(state, jnp.asarray(lr), params)
   compiles, calls = step.compile_counts()
   assert {k: v for k, v in compiles.items() if k.startswith("block")} == {
-      "block0": 1, "block1": 1, "block0_back": 1, "block1_back": 1}
-  assert calls["block0"] == calls["block1_back"] == 2  # 4 blocks, half of them shifted
+      "blocks2": 1, "blocks2_back": 1}
+  assert calls["blocks2"] == calls["blocks2_back"] == 2
   need = step.need_bytes()
   one = dqc_memory.compiled_bytes(dqc_step.jit_train_step(settings, mesh).lower(
       state, jnp.asarray(lr), params).compile())

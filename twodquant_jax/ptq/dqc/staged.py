@@ -1,22 +1,23 @@
-"""The DQC step as separately compiled pieces, so each distinct Swin block compiles once.
+"""The DQC step as separately compiled pieces, so each distinct pair of Swin blocks compiles once.
 
 Why: compiled as one program (`step.jit_train_step`), the step holds all 24 Swin blocks
 unrolled, forward and backward, and XLA compiles for 28-45 s on a CPU (168 s on an H200),
 longer than many DQC runs train. Here the same step is a pure function of (state, batch,
 params) composed of jitted pieces, called in order from Python:
 
-  teacher forward | student embedding | per Swin block: forward returning its VJP (a pytree of
-  the residuals that `remat_mode` keeps) | per RSTB: conv + skip, with its VJP | tail + loss
-  and its gradient w.r.t. the last tokens and the 4 features | the VJPs applied in reverse |
-  Adam (`step.apply_gradients`).
+  teacher forward | student embedding | per pair of Swin blocks: forward returning its VJP
+  (a pytree of the residuals that `remat_mode` keeps) | per RSTB: conv + skip, with its VJP |
+  tail + loss and its gradient w.r.t. the last tokens and the 4 features | the VJPs applied
+  in reverse | Adam (`step.apply_gradients`).
 
-Identical blocks share a piece, so the 24 blocks compile as 2 (unshifted, shifted), forward
-and backward. Values equal the one-program step's up to float order: XLA fuses a block alone
-differently, so a fake-quant input within an ulp of a level boundary can land on the other
-level (as for `SwinIR.scan_blocks`). Microbatches run one after another, as in
-`step.microbatched_value_and_grad` (same split, same loss shares, same coefficients).
+Identical block pairs share a piece, so the 24 blocks (12 identical (unshifted, shifted)
+pairs) compile once, forward and backward. Values equal the one-program step's up to float
+order: XLA fuses a pair alone differently, so a fake-quant input within an ulp of a level
+boundary can land on the other level (as for `SwinIR.scan_blocks`). Microbatches run one
+after another, as in `step.microbatched_value_and_grad` (same split, same loss shares, same
+coefficients).
 
-On a multi-device CPU mesh the pieces that all-reduce (a block's backward, the loss) are waited
+On a multi-device CPU mesh the pieces that all-reduce (a pair's backward, the loss) are waited
 for before the next one is dispatched: XLA:CPU may run independent programs concurrently, and
 two all-reduces in flight in different orders on two devices would deadlock.
 """
@@ -74,7 +75,8 @@ class _Runner:
   def __init__(self, compile_only: bool, sync: bool):
     self.compile_only = compile_only
     self.sync = sync
-    self.memory: list[tuple[str, Any]] = []  # (piece, memory analysis) per call
+    self.memory: list[tuple[str, Any, Any]] = []  # (piece, group, memory analysis) per call
+    self.group: Any = None  # what the calls belong to: None (the whole step) or a microbatch
     self._compiled: dict[Any, Any] = {}
     self.compiles: collections.Counter = collections.Counter()  # distinct compiles per piece
 
@@ -91,7 +93,7 @@ class _Runner:
       self._compiled[key] = fn.lower(*args).compile()
       self.compiles[name] += 1
     compiled = self._compiled[key]
-    self.memory.append((name, compiled.memory_analysis()))
+    self.memory.append((name, self.group, compiled.memory_analysis()))
     return compiled.out_info
 
 
@@ -141,21 +143,25 @@ class StagedStep:
       return model.apply(variables, x_u8.astype(jnp.float32) / 255.0, method=swinir.SwinIR.embed)
     return self._piece(("embed", arch), lambda: self._jit(run))
 
-  def _block_forward(self, arch: tuple, i: int, j: int) -> Callable:
+  def _blocks_forward(self, arch: tuple, i: int, shifts: tuple[int, ...]) -> Callable:
+    """Consecutive Swin blocks of RSTB i with these shifts, forward, returning their VJP: one
+    piece per (unshifted, shifted) pair, which all pairs of all RSTBs share."""
     model = self._student(arch)
-    shift = 0 if j % 2 == 0 else model.window_size // 2
-    block = swinir.SwinBlock(model.embed_dim, model.num_heads[i], model.window_size, shift,
-                             model.mlp_ratio, model.mode, model.bits, tuple(model.rotate),
-                             model.weight_channels, model.rounding, parent=None)
+    blocks = [swinir.SwinBlock(model.embed_dim, model.num_heads[i], model.window_size, shift,
+                               model.mlp_ratio, model.mode, model.bits, tuple(model.rotate),
+                               model.weight_channels, model.rounding, parent=None)
+              for shift in shifts]
     policy = swinir.remat_policy(self.remat) if self.remat != "off" else None
 
     def run(trained, fixed, tokens, hw):
       def f(trained, tokens):
-        return block.apply({**fixed, **trained}, tokens, hw)
-      if self.remat != "off":
-        f = jax.checkpoint(f, policy=policy)
+        for block, t, v in zip(blocks, trained, fixed):
+          one = lambda t, x, block=block, v=v: block.apply({**v, **t}, x, hw)
+          tokens = (jax.checkpoint(one, policy=policy) if self.remat != "off" else one)(
+              t, tokens)
+        return tokens
       return jax.vjp(f, trained, tokens)
-    return self._piece(("block", arch, model.num_heads[i], shift),
+    return self._piece(("blocks", arch, model.num_heads[i], shifts),
                        lambda: self._jit(run, static_argnums=(3,)))
 
   def _conv_forward(self, arch: tuple) -> Callable:
@@ -219,15 +225,18 @@ class StagedStep:
     shallow, tokens = run("embed", self._embed(arch), {"params": fixed["params"]}, x_u8)
     hw = tuple(shallow.shape[1:3])
     feats, saved = [], []
-    for i, depth in enumerate(self._student(arch).depths):
+    model = self._student(arch)
+    for i, depth in enumerate(model.depths):
       x_in, vjps = tokens, []
-      for j in range(depth):
-        pick = lambda tree: {c: _block_variables(t, i, j) for c, t in tree.items()
-                             if _has_block(t, i, j)}
-        tokens, vjp = run(f"block{j % 2}", self._block_forward(arch, i, j), pick(trained),
-                          pick(fixed), tokens, hw)
+      for j0 in range(0, depth, 2):  # (unshifted, shifted) pairs; an odd depth ends alone
+        js = tuple(range(j0, min(j0 + 2, depth)))
+        pick = lambda tree: tuple({c: _block_variables(t, i, j) for c, t in tree.items()
+                                   if _has_block(t, i, j)} for j in js)
+        shifts = tuple(0 if j % 2 == 0 else model.window_size // 2 for j in js)
+        tokens, vjp = run(f"blocks{len(js)}", self._blocks_forward(arch, i, shifts),
+                          pick(trained), pick(fixed), tokens, hw)
         if keep:
-          vjps.append(vjp)
+          vjps.append((js, vjp))
       feats.append(tokens)
       conv_params = fixed["params"][swinir.SwinIR.stage_name(i)]["conv"]
       tokens, cvjp = run("conv", self._conv_forward(arch), conv_params, tokens, x_in, hw)
@@ -249,11 +258,12 @@ class StagedStep:
       (ct_feat,) = run("conv_back", self._apply_vjp(), cvjp, ct)
       ct_feat = run("add", self._add(), ct_feat, ct_feats[i])
       blocks = {c: {} for c in trained}
-      for j in reversed(range(len(vjps))):
-        g, ct_feat = run(f"block{j % 2}_back", self._apply_vjp(), vjps[j], ct_feat,
+      for js, vjp in reversed(vjps):
+        g, ct_feat = run(f"blocks{len(js)}_back", self._apply_vjp(), vjp, ct_feat,
                          collective=True)
-        for c in trained:
-          blocks[c][f"blocks_{j}"] = g[c]
+        for j, gj in zip(js, g):
+          for c in trained:
+            blocks[c][f"blocks_{j}"] = gj[c]
       ct = run("add", self._add(), ct, ct_feat)  # the RSTB's skip connection
       for c in trained:
         grads[c][swinir.SwinIR.stage_name(i)] = {BLOCK_PATH[0]: blocks[c]}
@@ -275,13 +285,18 @@ class StagedStep:
     teach = [run("teacher", self._teacher(), teacher_params, x) for x in parts]
     coef = jnp.zeros((nf, 3), jnp.float32)
     if mb < b and settings.loss == "reference":  # the batch-wide coefficients first
-      stats = [run("stats", self._stats(),
-                   self._student_forward(run, arch, fixed, trained, x, False)[2], t[1])
-               for x, t in zip(parts, teach)]
+      stats = []
+      for k, (x, t) in enumerate(zip(parts, teach)):
+        run.group = ("stats", k)
+        feats = self._student_forward(run, arch, fixed, trained, x, False)[2]
+        run.group = None
+        stats.append(run("stats", self._stats(), feats, t[1]))
       coef = run("coef", self._coefficients(), *stats, collective=True)
     total = None
-    for x, t in zip(parts, teach):
+    for k, (x, t) in enumerate(zip(parts, teach)):
+      run.group = ("grad", k)
       value, grads = self._value_and_grad(run, arch, fixed, trained, x, t, coef, b)
+      run.group = None
       total = (value, grads) if total is None else run("add", self._add(), total, (value, grads))
     (loss, aux), grads = total
     return run("update", self._update(), state, loss, aux, _trained_tree(state.quant, grads))
@@ -303,18 +318,23 @@ class StagedStep:
 
   def compile_counts(self) -> tuple[dict[str, int], dict[str, int]]:
     """From the last `compile`: ({piece: distinct compiles}, {piece: calls in a step})."""
-    return dict(self._last_compiles), dict(collections.Counter(n for n, _ in self.last_memory))
+    return dict(self._last_compiles), dict(collections.Counter(n for n, _, _ in self.last_memory))
 
   def need_bytes(self) -> int:
-    """XLA's memory need of a step per device, from the last `compile`: every piece's outputs
-    (the residuals the block forwards keep until the backward, the features, the teacher's
-    outputs; an over-estimate, since a piece's outputs are freed once consumed) plus the
-    largest piece's temporaries and arguments."""
+    """XLA's memory need of a step per device, from the last `compile`: the outputs of the
+    pieces of the whole step (the teacher's outputs, the microbatches, the gradients) and of
+    its heaviest microbatch (the residuals its pair forwards keep until the backward; an
+    over-estimate, since a piece's outputs are freed once consumed), plus the largest piece's
+    temporaries and arguments."""
     if not self.last_memory:
       raise RuntimeError("StagedStep.need_bytes: compile the step first")
-    outputs = sum(int(m.output_size_in_bytes) for _, m in self.last_memory)
-    work = max(int(m.temp_size_in_bytes + m.argument_size_in_bytes) for _, m in self.last_memory)
-    return outputs + work
+    per_group: dict[Any, int] = collections.defaultdict(int)
+    for _, group, m in self.last_memory:
+      per_group[group] += int(m.output_size_in_bytes)
+    shared = per_group.pop(None, 0)
+    work = max(int(m.temp_size_in_bytes + m.argument_size_in_bytes)
+               for _, _, m in self.last_memory)
+    return shared + max(per_group.values(), default=0) + work
 
 
 @functools.lru_cache(maxsize=8)
