@@ -7,7 +7,8 @@ Sections (each timed; a failing section records its error and the others still r
                on the default device (search 'brute', float64 sums) vs on the CPU (search
                'sorted'): how many of the 768 bounds are equal;
   dqc_speed    DQC steps/s at batch 32 (64x64 LR, x4, 2 bits) with dqc.microbatch=auto, and the
-               device's peak memory;
+               device's peak memory, for the staged step (the default) and, besides it, the
+               one-program step (dqc.staged=False: 'one_program'), with their compile seconds;
   compiler_options  compile seconds and step / call time of the DQC step (batch 32, whole batch)
                and of the FP and fake-quant bucket evaluation function (one 128x128 LR image)
                under each of this backend's candidate compiler options
@@ -29,6 +30,7 @@ swinir_light_x4_random.pth, standin_x4.pth}, data/calib, data/benchmarks/{Set5,S
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -141,28 +143,37 @@ def dqc_speed(shared: Path, smoke: bool) -> dict:
   from jax.sharding import NamedSharding, PartitionSpec as P
   repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(dqc_step.DATA_AXIS))
   params = jax.device_put(params, repl)
-  state = jax.device_put(dqc_step.init_state(settings, quant), repl)
   x = jax.device_put(lr, data)
-  with jax.default_matmul_precision("highest"):
-    t0 = time.perf_counter()
-    fn, resolved, info = dqc_memory.train_step_fn(settings, batch, lr_size, mesh, params, quant)
-    state, m = fn(state, x, params)
-    jax.block_until_ready(m)
-    first_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for _ in range(steps):
+  out = {}
+  # The default (staged: pieces) and, on a real run, the one-program step (dqc.staged=False),
+  # to choose the GPU default from compile and step times.
+  for staged in ((True,) if smoke else (True, False)):
+    s = dataclasses.replace(settings, staged=staged)
+    state = jax.device_put(dqc_step.init_state(s, quant), repl)
+    with jax.default_matmul_precision("highest"):
+      t0 = time.perf_counter()
+      fn, resolved, info = dqc_memory.train_step_fn(s, batch, lr_size, mesh, params, quant)
+      fn = dqc_memory.compile_step(fn, state, x, params)
+      compile_s = time.perf_counter() - t0
       state, m = fn(state, x, params)
-    jax.block_until_ready((state, m))
-    run_s = time.perf_counter() - t0
-  dev = jax.devices()[0]
-  stats = dev.memory_stats() or {}
-  return {"batch": batch, "lr_size": lr_size, "steps_timed": steps,
-          "steps_per_s": round(steps / run_s, 4), "s_per_step": round(run_s / steps, 4),
-          "compile_and_first_step_s": round(first_s, 2),
-          "microbatch": int(info["microbatch"]), "microbatch_info": info,
-          "peak_device_bytes": stats.get("peak_bytes_in_use"),
-          "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-          "loss_finite": bool(m["finite"])}
+      jax.block_until_ready(m)
+      first_s = time.perf_counter() - t0
+      t0 = time.perf_counter()
+      for _ in range(steps):
+        state, m = fn(state, x, params)
+      jax.block_until_ready((state, m))
+      run_s = time.perf_counter() - t0
+    dev = jax.devices()[0]
+    stats = dev.memory_stats() or {}
+    out["staged" if staged else "one_program"] = {
+        "batch": batch, "lr_size": lr_size, "steps_timed": steps,
+        "steps_per_s": round(steps / run_s, 4), "s_per_step": round(run_s / steps, 4),
+        "compile_s": round(compile_s, 2), "compile_and_first_step_s": round(first_s, 2),
+        "microbatch": int(info["microbatch"]), "microbatch_info": info,
+        "peak_device_bytes": stats.get("peak_bytes_in_use"),
+        "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "loss_finite": bool(m["finite"])}
+  return {**out["staged"], **({"one_program": out["one_program"]} if "one_program" in out else {})}
 
 
 def compiler_options(shared: Path, smoke: bool) -> dict:
