@@ -113,7 +113,7 @@ class StagedStep:
     self.data = NamedSharding(mesh, P(dqc_step.DATA_AXIS))
     self.sync = mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
     self._pieces: dict[Any, Callable] = {}
-    self.last_memory: list[tuple[str, Any]] = []
+    self.last_memory: list[tuple[str, Any, Any]] = []  # `_Runner.memory` of the last compile
     self._last_compiles: collections.Counter = collections.Counter()
 
   # -- pieces (jitted once per distinct static part; jit caches per shape) -------------------
