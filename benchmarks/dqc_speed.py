@@ -69,20 +69,18 @@ def _memory(compiled, before: dict, compiled_rss: dict, after: dict, mesh, round
             remat: str) -> dict:
   """Resident sizes around the step (GB) and what ptq/dqc/memory.py would plan for it."""
   gb = lambda b: round(b / 1e9, 3)
-  if hasattr(compiled, "need_bytes"):  # staged: the pieces' estimate (no single analysis)
-    need = compiled.need_bytes()
-    m = type("M", (), {"temp_size_in_bytes": 0, "argument_size_in_bytes": 0,
-                       "output_size_in_bytes": need})()
-  else:
-    m = compiled.memory_analysis()
-    need = dqc_memory.compiled_bytes(compiled)
+  staged = hasattr(compiled, "need_bytes")  # the pieces' estimate; no single analysis
+  need = compiled.need_bytes() if staged else dqc_memory.compiled_bytes(compiled)
+  m = None if staged else compiled.memory_analysis()
   local = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
   budget = dqc_memory.host_budget(local, resident=before["rss"], remat=remat)
   return {"rss_before_gb": gb(before["rss"]), "peak_before_gb": gb(before["peak"]),
           "rss_compiled_gb": gb(compiled_rss["rss"]), "peak_compiled_gb": gb(compiled_rss["peak"]),
           "rss_after_gb": gb(after["rss"]), "peak_gb": gb(after["peak"]),
-          "xla_temp_gb": gb(m.temp_size_in_bytes), "xla_args_gb": gb(m.argument_size_in_bytes),
-          "xla_out_gb": gb(m.output_size_in_bytes), "xla_need_per_device_gb": gb(need),
+          **({} if m is None else {"xla_temp_gb": gb(m.temp_size_in_bytes),
+                                   "xla_args_gb": gb(m.argument_size_in_bytes),
+                                   "xla_out_gb": gb(m.output_size_in_bytes)}),
+          "xla_need_per_device_gb": gb(need),
           "devices": local, "planned_gb": gb(budget.planned(need, rounds)),
           "growth_over_xla_need": round((after["peak"] - before["rss"]) / (need * local), 3)}
 

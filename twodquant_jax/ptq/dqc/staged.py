@@ -54,8 +54,7 @@ def _has_block(tree: Mapping, i: int, j: int) -> bool:
 
 def _split_variables(params: Any, quant: Any) -> tuple[dict, dict, dict, dict]:
   """(teacher params, student variables not trained, trained collections, student arch)."""
-  trained = ({"quant": quant.quant, ROUNDING: quant.rounding}
-             if isinstance(quant, dqc_step.Trainables) else {"quant": quant})
+  trained = dqc_step.trained_collections(quant)
   if isinstance(params, dqc_step.StudentWeights):
     return params.teacher, {"params": params.params, **params.extra}, trained, dict(params.arch)
   return params, {"params": params}, trained, {}
@@ -72,12 +71,14 @@ class _Runner:
   """Calls a piece, or (compile mode) compiles it for abstract arguments and returns abstract
   outputs, recording each compiled piece's memory analysis."""
 
-  def __init__(self, compile_only: bool, sync: bool):
+  def __init__(self, compile_only: bool, sync: bool, compiled: dict | None = None):
     self.compile_only = compile_only
     self.sync = sync
     self.memory: list[tuple[str, Any, Any]] = []  # (piece, group, memory analysis) per call
     self.group: Any = None  # what the calls belong to: None (the whole step) or a microbatch
-    self._compiled: dict[Any, Any] = {}
+    # (piece, argument signature) -> compiled; the step's own, so a second `compile` of the
+    # same step (the planner's, then the loop's) compiles nothing.
+    self._compiled = {} if compiled is None else compiled
     self.compiles: collections.Counter = collections.Counter()  # distinct compiles per piece
 
   def __call__(self, name: str, fn: Callable, *args, collective: bool = False):
@@ -113,6 +114,7 @@ class StagedStep:
     self.data = NamedSharding(mesh, P(dqc_step.DATA_AXIS))
     self.sync = mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu"
     self._pieces: dict[Any, Callable] = {}
+    self._compiled: dict[Any, Any] = {}  # the pieces' compiles (`_Runner`)
     self.last_memory: list[tuple[str, Any, Any]] = []  # `_Runner.memory` of the last compile
     self._last_compiles: collections.Counter = collections.Counter()
 
@@ -311,13 +313,13 @@ class StagedStep:
     abstract = lambda a: (a if isinstance(a, jax.ShapeDtypeStruct) else
                           jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a),
                                                sharding=getattr(a, "sharding", None)))
-    runner = _Runner(True, False)
+    runner = _Runner(True, False, self._compiled)
     self._run(runner, *jax.tree_util.tree_map(abstract, (state, lr_u8, params)))
     self.last_memory, self._last_compiles = runner.memory, runner.compiles
     return self
 
   def compile_counts(self) -> tuple[dict[str, int], dict[str, int]]:
-    """From the last `compile`: ({piece: distinct compiles}, {piece: calls in a step})."""
+    """From the last `compile`: ({piece: compiles it needed}, {piece: calls in a step})."""
     return dict(self._last_compiles), dict(collections.Counter(n for n, _, _ in self.last_memory))
 
   def need_bytes(self) -> int:

@@ -95,10 +95,16 @@ def _teacher_params(params: Any) -> Any:
   return params.teacher if isinstance(params, StudentWeights) else params
 
 
+def trained_collections(quant: Any) -> dict:
+  """The trained tree (bounds, or `Trainables`) as the student's variable collections."""
+  if isinstance(quant, Trainables):
+    return {"quant": quant.quant, ROUNDING: quant.rounding}
+  return {"quant": quant}
+
+
 def _student_apply(params: Any, quant: Any, settings: DQCSettings):
   """(student module, its variables) for the step's `params` and trained tree `quant`."""
-  trained = ({"quant": quant.quant, ROUNDING: quant.rounding} if isinstance(quant, Trainables)
-             else {"quant": quant})
+  trained = trained_collections(quant)
   if isinstance(params, StudentWeights):
     return (model_for(settings, "quant", params.arch),
             {"params": params.params, **params.extra, **trained})
