@@ -198,6 +198,20 @@ def test_stages_are_registered(tiny):
       k for k in rotation.DEFAULT_KINDS if k in ("qkv", "fc1", "fc2"))
 
 
+def test_smoothing_in_the_combination_starts_at_3_bits(tiny):
+  """Stage `smooth_w3` (2DQuant++): the student unchanged at 2 bits, `smooth` itself at 3."""
+  student, x = tiny
+  inputs = lambda bits: stages.StageInputs(fp_params=student.params, calib_lr=np.asarray(x),
+                                           scale=4, bits=bits, key=KEY)
+  assert stages.apply(("smooth_w3",), student, inputs(2)) is student
+  got = stages.apply(("smooth_w3",), student, inputs(3))
+  want = stages.apply(("smooth",), student, inputs(3))
+  leaves = lambda s: jax.tree_util.tree_leaves(s.params)
+  assert any(not np.array_equal(a, b) for a, b in zip(leaves(got), leaves(student)))
+  for a, b in zip(leaves(got), leaves(want)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_standin_rotated_fp_equals_plain(reference):
   """The stand-in x4 weights, smoothed on 2 calibration patches and rotated (every kind), on
   crops of the three parity images: the FP output is the plain one's."""
